@@ -1,0 +1,134 @@
+"""The outbox. Postgres is the source of truth for every message and every attempt."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.db.models.functions import Now
+
+
+class Queue(models.TextChoices):
+    HIGH_PRIORITY = "high_priority", "High priority (transactional)"
+    BULK = "bulk", "Bulk (campaigns)"
+
+
+class Campaign(models.Model):
+    class Status(models.TextChoices):
+        DRAFT = "draft"
+        SENDING = "sending"
+        PAUSED = "paused"
+        COMPLETED = "completed"
+        CANCELLED = "cancelled"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=200)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.SENDING)
+    created_at = models.DateTimeField(db_default=Now())
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Message(models.Model):
+    """One email to one recipient: SMTP transactions carry one RCPT each."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        SENDING = "sending"
+        SENT = "sent"
+        DEFERRED = "deferred"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+        SUPPRESSED = "suppressed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    queue = models.CharField(max_length=16, choices=Queue.choices, default=Queue.HIGH_PRIORITY)
+    campaign = models.ForeignKey(
+        Campaign, null=True, blank=True, on_delete=models.PROTECT, related_name="messages"
+    )
+    from_email = models.CharField(max_length=320)
+    to_email = models.CharField(max_length=320)
+    subject = models.CharField(max_length=998)
+    template = models.CharField(max_length=200)
+    context = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # Identifies the Celery task that should deliver this row; the sweeper checks it in Redis.
+    dispatch_token = models.CharField(max_length=64, blank=True, default="")
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+    last_smtp_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_smtp_reply = models.TextField(blank=True, default="")
+    message_id_header = models.CharField(max_length=998)
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True, unique=True)
+    created_at = models.DateTimeField(db_default=Now())
+    updated_at = models.DateTimeField(db_default=Now())
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            # The sweeper's and the dashboards' hot paths: only rows that still need work.
+            models.Index(
+                fields=["status", "queue", "dispatched_at"],
+                name="msg_pending_idx",
+                condition=models.Q(status__in=["queued", "sending", "deferred"]),
+            ),
+            models.Index(fields=["campaign", "status"], name="msg_campaign_status_idx"),
+            models.Index(fields=["to_email"], name="msg_to_idx"),
+            models.Index(fields=["-created_at"], name="msg_created_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.to_email}: {self.subject} ({self.status})"
+
+
+class DeliveryAttempt(models.Model):
+    """One row per SMTP try of one message."""
+
+    class Outcome(models.TextChoices):
+        SENT = "sent"
+        DEFERRED = "deferred"  # transient: will be retried
+        FAILED = "failed"  # permanent, or retries exhausted
+
+    id = models.BigAutoField(primary_key=True)
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="attempts_log")
+    attempt = models.PositiveIntegerField()
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
+    smtp_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    smtp_reply = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        indexes = [models.Index(fields=["message", "attempt"], name="attempt_msg_idx")]
+
+
+class Suppression(models.Model):
+    """Addresses that must never be sent to (hard bounces, unsubscribes, complaints)."""
+
+    class Reason(models.TextChoices):
+        HARD_BOUNCE = "hard_bounce"
+        UNSUBSCRIBE = "unsubscribe"
+        COMPLAINT = "complaint"
+        MANUAL = "manual"
+
+    address = models.CharField(max_length=320, primary_key=True)
+    reason = models.CharField(max_length=16, choices=Reason.choices)
+    detail = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(db_default=Now())
+
+    def __str__(self) -> str:
+        return f"{self.address} ({self.reason})"
+
+
+class ControlFlag(models.Model):
+    """Durable operator switches (the global bulk pause); Redis holds a fast mirror."""
+
+    name = models.CharField(max_length=64, primary_key=True)
+    enabled = models.BooleanField(default=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.enabled}"

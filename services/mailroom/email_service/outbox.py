@@ -1,0 +1,199 @@
+"""The SQL of the delivery hot path: claim, record, release, renew, reclaim.
+
+Each function is one statement in autocommit mode, so a worker killed between two of
+them leaves every row in a state the sweeper understands. Claiming is a conditional
+UPDATE: a second worker (or a redelivered task) simply gets nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.db import connection
+
+from email_service.models import DeliveryAttempt, Message
+
+MESSAGE = Message._meta.db_table
+ATTEMPT = DeliveryAttempt._meta.db_table
+CAMPAIGN = Message._meta.get_field("campaign").related_model._meta.db_table  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class ClaimedRow:
+    id: uuid.UUID
+    queue: str
+    from_email: str
+    to_email: str
+    subject: str
+    template: str
+    context: dict[str, Any]
+    message_id_header: str
+    attempts: int
+
+
+def _uuids(ids: Sequence[uuid.UUID | str]) -> list[uuid.UUID]:
+    return [i if isinstance(i, uuid.UUID) else uuid.UUID(str(i)) for i in ids]
+
+
+def claim(ids: Sequence[uuid.UUID | str], lease_seconds: float) -> list[ClaimedRow]:
+    """Take the rows that are due and not taken; return them in the order asked."""
+    sql = f"""
+        UPDATE {MESSAGE} AS m
+           SET status = 'sending', attempts = m.attempts + 1, updated_at = now(),
+               lease_expires_at = now() + make_interval(secs => %s)
+         WHERE m.id = ANY(%s)
+           AND m.status IN ('queued', 'deferred')
+           AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
+           AND (m.campaign_id IS NULL OR EXISTS (
+                SELECT 1 FROM {CAMPAIGN} c WHERE c.id = m.campaign_id AND c.status = 'sending'))
+     RETURNING m.id, m.queue, m.from_email, m.to_email, m.subject, m.template, m.context,
+               m.message_id_header, m.attempts
+    """
+    wanted = _uuids(ids)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [lease_seconds, wanted])
+        rows = {row[0]: ClaimedRow(*row) for row in cursor.fetchall()}
+    return [rows[i] for i in wanted if i in rows]
+
+
+def record(
+    message_id: uuid.UUID,
+    status: str,
+    code: int | None,
+    reply: str,
+    next_attempt_at: datetime | None = None,
+) -> bool:
+    """Store one attempt's outcome and its DeliveryAttempt row in one statement."""
+    sql = f"""
+        WITH m AS (
+            UPDATE {MESSAGE}
+               SET status = %s, last_smtp_code = %s, last_smtp_reply = %s, updated_at = now(),
+                   next_attempt_at = %s, lease_expires_at = NULL, dispatch_token = '',
+                   sent_at = CASE WHEN %s = 'sent' THEN now() ELSE sent_at END
+             WHERE id = %s AND status IN ('sending', 'queued', 'deferred')
+         RETURNING id, attempts)
+        INSERT INTO {ATTEMPT} (message_id, attempt, outcome, smtp_code, smtp_reply, created_at)
+        SELECT id, attempts, %s, %s, %s, now() FROM m
+    """
+    reply = reply[:2000]
+    params = [status, code, reply, next_attempt_at, status, message_id, status, code, reply]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount == 1
+
+
+def release(ids: Sequence[uuid.UUID], next_attempt_at: datetime | None = None) -> int:
+    """Give back claimed rows that were not attempted (pause, time limit, relay down)."""
+    if not ids:
+        return 0
+    status = "deferred" if next_attempt_at else "queued"
+    sql = f"""
+        UPDATE {MESSAGE}
+           SET status = %s, attempts = GREATEST(attempts - 1, 0), lease_expires_at = NULL,
+               next_attempt_at = %s, dispatch_token = '', updated_at = now()
+         WHERE id = ANY(%s) AND status = 'sending'
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [status, next_attempt_at, list(ids)])
+        return cursor.rowcount
+
+
+def renew(ids: Sequence[uuid.UUID], lease_seconds: float) -> None:
+    sql = f"""
+        UPDATE {MESSAGE} SET lease_expires_at = now() + make_interval(secs => %s)
+         WHERE id = ANY(%s) AND status = 'sending'
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [lease_seconds, list(ids)])
+
+
+def mark_suppressed(ids: Sequence[uuid.UUID]) -> None:
+    sql = f"""
+        UPDATE {MESSAGE} SET status = 'suppressed', lease_expires_at = NULL, updated_at = now(),
+               attempts = GREATEST(attempts - 1, 0), dispatch_token = ''
+         WHERE id = ANY(%s) AND status = 'sending'
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [list(ids)])
+
+
+def set_token(ids: Sequence[uuid.UUID], token: str) -> list[uuid.UUID]:
+    """Hand rows to a new task, unless they moved on meanwhile."""
+    sql = f"""
+        UPDATE {MESSAGE} SET dispatch_token = %s, dispatched_at = now()
+         WHERE id = ANY(%s) AND status IN ('queued', 'deferred')
+     RETURNING id
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [token, list(ids)])
+        return [row[0] for row in cursor.fetchall()]
+
+
+def reclaim_expired(max_attempts: int) -> tuple[int, int]:
+    """Rows whose worker died mid-send go back to the queue; a row that has already
+    been claimed ``max_attempts`` times (a message that keeps killing workers) fails.
+
+    Returns (requeued, failed).
+    """
+    fail_sql = f"""
+        WITH m AS (
+            UPDATE {MESSAGE}
+               SET status = 'failed', lease_expires_at = NULL, updated_at = now(),
+                   last_smtp_code = NULL, last_smtp_reply = 'worker lost during every attempt'
+             WHERE status = 'sending' AND lease_expires_at < now() AND attempts >= %s
+         RETURNING id, attempts)
+        INSERT INTO {ATTEMPT} (message_id, attempt, outcome, smtp_code, smtp_reply, created_at)
+        SELECT id, attempts, 'failed', NULL, 'worker lost during every attempt', now() FROM m
+    """
+    requeue_sql = f"""
+        UPDATE {MESSAGE}
+           SET status = 'queued', lease_expires_at = NULL, dispatch_token = '',
+               dispatched_at = NULL, updated_at = now()
+         WHERE status = 'sending' AND lease_expires_at < now()
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(fail_sql, [max_attempts])
+        failed = cursor.rowcount
+        cursor.execute(requeue_sql)
+        return cursor.rowcount, failed
+
+
+def orphan_candidates(
+    stale_seconds: float, *, include_bulk: bool, limit: int
+) -> list[tuple[uuid.UUID, str, str]]:
+    """Rows waiting for a task that may be gone: (id, queue, dispatch_token).
+
+    Queued rows older than ``stale_seconds``, and deferred rows that are due. Bulk rows
+    are left alone while bulk is paused, and so are rows of a campaign not sending.
+    """
+    sql = f"""
+        SELECT m.id, m.queue, m.dispatch_token FROM {MESSAGE} m
+         WHERE ((m.status = 'queued'
+                 AND (m.dispatched_at IS NULL
+                      OR m.dispatched_at < now() - make_interval(secs => %s)))
+             OR (m.status = 'deferred' AND m.next_attempt_at <= now()))
+           AND (%s OR m.queue <> 'bulk')
+           AND (m.campaign_id IS NULL OR EXISTS (
+                SELECT 1 FROM {CAMPAIGN} c WHERE c.id = m.campaign_id AND c.status = 'sending'))
+         ORDER BY m.dispatched_at NULLS FIRST
+         LIMIT %s
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [stale_seconds, include_bulk, limit])
+        return [(row[0], row[1], row[2]) for row in cursor.fetchall()]
+
+
+def retoken(ids: Sequence[uuid.UUID], dead_tokens: Sequence[str], token: str) -> list[uuid.UUID]:
+    """Move rows from dead tokens to a new one; a concurrent sweeper gets nothing."""
+    sql = f"""
+        UPDATE {MESSAGE} SET dispatch_token = %s, dispatched_at = now()
+         WHERE id = ANY(%s) AND status IN ('queued', 'deferred') AND dispatch_token = ANY(%s)
+     RETURNING id
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [token, list(ids), list(dead_tokens)])
+        return [row[0] for row in cursor.fetchall()]

@@ -1,0 +1,533 @@
+"""Every business operation of Mailroom lives here.
+
+The API, the dashboard, the admin, management commands and Celery tasks all call these
+functions; none of them decides on its own what should happen to a message.
+
+The durable path: a request is validated, its ``Message`` rows are written in one
+transaction, and only after commit is a task enqueued that carries the row ids. A task
+claims each row with a conditional UPDATE before sending, records every attempt, and
+retries only the recipients that are not yet sent. The sweeper (run by beat) finds any
+row whose task was lost and enqueues it again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.utils import parseaddr
+from typing import Any
+
+import redis
+from celery import current_app
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerError
+
+from email_service import outbox, redisstore
+from email_service.exceptions import InvalidEmailRequest
+from email_service.models import Campaign, ControlFlag, Message, Queue, Suppression
+from email_service.redisstore import Outcome
+from email_service.rendering import PreparedCache, render
+from email_service.smtp import SendResult, SMTPTransport
+from email_service.validation import (
+    check_context,
+    check_subject,
+    check_template,
+    normalize_address,
+    normalize_from,
+)
+
+logger = logging.getLogger(__name__)
+
+DELIVER_TASKS = {
+    Queue.HIGH_PRIORITY: "email_service.deliver_high_priority",
+    Queue.BULK: "email_service.deliver_bulk",
+}
+# Consecutive network failures after which the rest of a batch is deferred untried:
+# a relay that is down should cost one timeout or three, not fifty.
+RELAY_DOWN_AFTER = 3
+
+
+# --------------------------------------------------------------------------------------
+# Accepting email
+# --------------------------------------------------------------------------------------
+
+
+def send_email(
+    *,
+    to: str,
+    subject: str,
+    template: str,
+    context: dict[str, Any] | None = None,
+    from_email: str | None = None,
+    queue: str = Queue.HIGH_PRIORITY,
+    idempotency_key: str | None = None,
+    campaign: Campaign | None = None,
+) -> Message:
+    """Accept one email for one recipient. Transactional (``high_priority``) by default.
+
+    With ``idempotency_key``, a second call with the same key returns the first message
+    instead of sending again.
+    """
+    address = normalize_address(to, "to")
+    if idempotency_key is not None:
+        existing = Message.objects.filter(idempotency_key=idempotency_key).first()
+        if existing is not None:
+            return existing
+    request = _validated(subject, template, context, from_email, queue)
+    try:
+        [message] = _accept([address], request, campaign, [idempotency_key])
+    except IntegrityError:
+        # Another request with the same key got there first; it owns the send.
+        if idempotency_key is None:
+            raise
+        return Message.objects.get(idempotency_key=idempotency_key)
+    return message
+
+
+def send_bulk_batch(
+    recipients: Iterable[str],
+    subject: str,
+    context: dict[str, Any] | None,
+    template: str,
+    *,
+    from_email: str | None = None,
+    campaign: Campaign | None = None,
+    idempotency_prefix: str | None = None,
+) -> list[Message]:
+    """Accept one email per recipient on the ``bulk`` queue, all or nothing.
+
+    Duplicate addresses collapse to one message. Any invalid address refuses the
+    whole batch (naming it) and stores nothing.
+    """
+    if isinstance(recipients, str):
+        raise InvalidEmailRequest("recipients", "must be a list of addresses, not one string")
+    addresses: list[str] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(recipients):
+        address = normalize_address(raw, f"recipients[{index}]")
+        if address.lower() not in seen:
+            seen.add(address.lower())
+            addresses.append(address)
+    if not addresses:
+        raise InvalidEmailRequest("recipients", "at least one recipient is required")
+    request = _validated(subject, template, context, from_email, Queue.BULK)
+    keys: list[str | None] = (
+        [f"{idempotency_prefix}:{i}" for i in range(len(addresses))]
+        if idempotency_prefix
+        else [None] * len(addresses)
+    )
+    if idempotency_prefix:
+        existing = list(Message.objects.filter(idempotency_key__in=keys))
+        if existing:
+            return existing
+    return _accept(addresses, request, campaign, keys)
+
+
+@dataclass(frozen=True)
+class _Request:
+    subject: str
+    template: str
+    context: dict[str, Any]
+    from_email: str
+    queue: str
+
+
+def _validated(
+    subject: object,
+    template: object,
+    context: object,
+    from_email: object,
+    queue: object,
+) -> _Request:
+    if queue not in Queue.values:
+        raise InvalidEmailRequest("queue", f"must be one of {', '.join(Queue.values)}")
+    request = _Request(
+        subject=check_subject(subject),
+        template=check_template(template),
+        context=check_context(context),
+        from_email=normalize_from(from_email or settings.DEFAULT_FROM_EMAIL, "from_email"),
+        queue=str(queue),
+    )
+    try:
+        render(request.template, request.subject, request.context)
+    except Exception as exc:
+        # A template that cannot render this context would fail at send time: say so now.
+        raise InvalidEmailRequest("template", f"cannot render {template!r}: {exc}") from exc
+    return request
+
+
+def _message_id(message_id: uuid.UUID, from_email: str) -> str:
+    domain = settings.MAILROOM_MESSAGE_ID_DOMAIN or parseaddr(from_email)[1].rpartition("@")[2]
+    return f"<{message_id.hex}@{domain or 'mailroom.example.com'}>"
+
+
+def _accept(
+    addresses: Sequence[str],
+    request: _Request,
+    campaign: Campaign | None,
+    idempotency_keys: Sequence[str | None],
+) -> list[Message]:
+    """Write the rows in one transaction; enqueue their delivery after it commits."""
+    suppressed = suppressed_addresses(addresses)
+    batch_size = settings.MAILROOM_BATCH_SIZE
+    now = timezone.now()
+    rows = []
+    batches: list[tuple[str, list[uuid.UUID]]] = []
+    for position, (address, key) in enumerate(zip(addresses, idempotency_keys, strict=True)):
+        if position % batch_size == 0:
+            batches.append((uuid.uuid4().hex, []))
+        token, batch = batches[-1]
+        message_uuid = uuid.uuid4()
+        is_suppressed = address.lower() in suppressed
+        if not is_suppressed:
+            batch.append(message_uuid)
+        rows.append(
+            Message(
+                id=message_uuid,
+                queue=request.queue,
+                campaign=campaign,
+                from_email=request.from_email,
+                to_email=address,
+                subject=request.subject,
+                template=request.template,
+                context=request.context,
+                status=Message.Status.SUPPRESSED if is_suppressed else Message.Status.QUEUED,
+                dispatch_token="" if is_suppressed else token,
+                dispatched_at=now,
+                message_id_header=_message_id(message_uuid, request.from_email),
+                idempotency_key=key,
+            )
+        )
+    with transaction.atomic():
+        Message.objects.bulk_create(rows)
+        skipped = len(addresses) - sum(len(ids) for _, ids in batches)
+        transaction.on_commit(lambda: _after_accept(request.queue, batches, skipped))
+    return rows
+
+
+def _after_accept(queue: str, batches: list[tuple[str, list[uuid.UUID]]], suppressed: int) -> None:
+    if suppressed:
+        redisstore.count(queue, Outcome.SUPPRESSED, suppressed)
+    for token, ids in batches:
+        if ids:
+            enqueue(queue, ids, token)
+
+
+def enqueue(queue: str, ids: Sequence[uuid.UUID], token: str, countdown: float = 0) -> None:
+    """Hand rows (already carrying ``token``) to a worker pool.
+
+    A broker outage here loses nothing: the rows are committed and the sweeper will
+    enqueue them once Redis is back, so the caller is not failed for it.
+    """
+    ttl = redisstore.DISPATCH_TOKEN_TTL if not countdown else int(countdown) + 120
+    try:
+        redisstore.client().set(redisstore.dispatch_key(token), len(ids), ex=ttl)
+        current_app.send_task(
+            DELIVER_TASKS[Queue(queue)],
+            args=[[str(i) for i in ids], token],
+            countdown=countdown or None,
+        )
+    except (redis.RedisError, BrokerError, OSError):
+        logger.warning("broker unavailable; %d message(s) left for the sweeper", len(ids))
+
+
+def suppressed_addresses(addresses: Iterable[str]) -> set[str]:
+    lowered = [a.lower() for a in addresses]
+    return set(Suppression.objects.filter(address__in=lowered).values_list("address", flat=True))
+
+
+def suppress(address: str, reason: str, detail: str = "") -> None:
+    Suppression.objects.bulk_create(
+        [Suppression(address=address.lower(), reason=reason, detail=detail[:2000])],
+        ignore_conflicts=True,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The global bulk pause
+# --------------------------------------------------------------------------------------
+
+
+def pause_bulk() -> None:
+    """Pause every bulk batch before its next message; transactional mail keeps flowing."""
+    ControlFlag.objects.update_or_create(
+        name=redisstore.BULK_PAUSE, defaults={"enabled": True}
+    )
+    redisstore.client().set(redisstore.BULK_PAUSE, "1")
+
+
+def resume_bulk() -> int:
+    """Resume bulk and re-dispatch exactly the bulk rows that are not sent or in flight."""
+    ControlFlag.objects.update_or_create(
+        name=redisstore.BULK_PAUSE, defaults={"enabled": False}
+    )
+    redisstore.client().set(redisstore.BULK_PAUSE, "0")
+    return redispatch_orphans(stale_seconds=0)
+
+
+def is_bulk_paused() -> bool:
+    try:
+        raw = redisstore.client().get(redisstore.BULK_PAUSE)
+    except redis.RedisError:
+        raw = None
+    return _pause_state(raw)
+
+
+def _pause_state(raw: bytes | None) -> bool:
+    """The Redis mirror decides; when it is missing (flushed), Postgres does."""
+    mirrored = redisstore.parse_pause(raw)
+    if mirrored is not None:
+        return mirrored
+    durable = ControlFlag.objects.filter(name=redisstore.BULK_PAUSE, enabled=True).exists()
+    try:
+        redisstore.client().set(redisstore.BULK_PAUSE, "1" if durable else "0", nx=True)
+    except redis.RedisError:
+        logger.warning("could not restore the pause mirror in Redis")
+    return durable
+
+
+# --------------------------------------------------------------------------------------
+# Delivery
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchReport:
+    sent: int = 0
+    deferred: int = 0
+    failed: int = 0
+    suppressed: int = 0
+    released: int = 0
+    retries: list[tuple[uuid.UUID, datetime]] = field(default_factory=list)
+    done: set[uuid.UUID] = field(default_factory=set)
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds before the next try after ``attempts`` tries: min(2**n * base, max), jittered.
+
+    Jitter only ever lengthens the wait (by up to a quarter), so retries from one batch
+    spread out instead of hitting a recovering relay together.
+    """
+    base = settings.MAILROOM_RETRY_BASE_SECONDS
+    ceiling = settings.MAILROOM_RETRY_MAX_SECONDS
+    delay = min(2 ** max(attempts - 1, 0) * base, ceiling)
+    return min(delay * random.uniform(1.0, 1.25), ceiling)
+
+
+def deliver(
+    queue: str, message_ids: Sequence[str | uuid.UUID], dispatch_token: str = ""
+) -> BatchReport:
+    """Deliver the rows of one task: claim, send over one connection, record each."""
+    report = BatchReport()
+    try:
+        if queue == Queue.BULK and is_bulk_paused():
+            # Checked before claiming, so a paused batch costs no writes and frees its
+            # worker at once; resume re-dispatches these rows.
+            logger.info("bulk paused: batch of %d left queued", len(message_ids))
+        else:
+            report = _deliver_claimed(outbox.claim(message_ids, settings.MAILROOM_LEASE_SECONDS))
+            _schedule_retries(queue, report.retries)
+    finally:
+        if dispatch_token:
+            _forget_token(dispatch_token)
+    return report
+
+
+def _forget_token(token: str) -> None:
+    try:
+        redisstore.client().delete(redisstore.dispatch_key(token))
+    except redis.RedisError:
+        logger.warning("could not clear dispatch token %s", token)
+
+
+def _deliver_claimed(rows: list[outbox.ClaimedRow]) -> BatchReport:
+    report = BatchReport()
+    if not rows:
+        return report
+    rows = _drop_suppressed(rows, report)
+    transport = SMTPTransport.from_settings()
+    prepared = PreparedCache()
+    lease = settings.MAILROOM_LEASE_SECONDS
+    renew_at = time.monotonic() + lease / 3
+    network_failures = 0
+    try:
+        for index, row in enumerate(rows):
+            remaining = [r.id for r in rows[index:]]
+            if network_failures >= RELAY_DOWN_AFTER:
+                _defer_untried(remaining, row.attempts, report)
+                break
+            if time.monotonic() > renew_at:
+                outbox.renew(remaining, lease)
+                renew_at = time.monotonic() + lease / 3
+            result = _send_one(transport, prepared, row)
+            network_failures = network_failures + 1 if result.code is None else 0
+            paused = _record(row, result, report)
+            if paused and index + 1 < len(rows):
+                report.released += outbox.release(remaining[1:])
+                logger.info("bulk paused: %d message(s) left queued", len(remaining) - 1)
+                break
+    except SoftTimeLimitExceeded:
+        unsent = [r.id for r in rows if r.id not in report.done]
+        released = outbox.release(unsent)
+        report.released += released
+        logger.warning("time limit reached: %d message(s) handed back", released)
+        _redispatch_now(rows[0].queue, unsent)
+    finally:
+        transport.close()
+    return report
+
+
+def _drop_suppressed(rows: list[outbox.ClaimedRow], report: BatchReport) -> list[outbox.ClaimedRow]:
+    """The suppression list is checked again just before sending: it may have grown."""
+    blocked = suppressed_addresses(r.to_email for r in rows)
+    if not blocked:
+        return rows
+    stopped = [r for r in rows if r.to_email.lower() in blocked]
+    outbox.mark_suppressed([r.id for r in stopped])
+    redisstore.count(rows[0].queue, Outcome.SUPPRESSED, len(stopped))
+    report.suppressed += len(stopped)
+    return [r for r in rows if r.to_email.lower() not in blocked]
+
+
+def _send_one(
+    transport: SMTPTransport, prepared: PreparedCache, row: outbox.ClaimedRow
+) -> SendResult:
+    context = json.loads(row.context) if isinstance(row.context, str) else row.context
+    try:
+        data = prepared.get(row.from_email, row.subject, row.template, context).for_recipient(
+            row.to_email, row.message_id_header
+        )
+    except Exception as exc:
+        # The template changed or vanished since the request was accepted.
+        logger.exception("cannot render message %s", row.id)
+        return SendResult(code=554, reply=f"5.6.0 Mailroom could not render the message: {exc}")
+    envelope_from = parseaddr(row.from_email)[1]
+    return transport.send(envelope_from, row.to_email, data)
+
+
+def _record(row: outbox.ClaimedRow, result: SendResult, report: BatchReport) -> bool:
+    """Store the outcome of one try; return whether bulk is now paused."""
+    next_attempt_at = None
+    if result.ok:
+        status, outcome = Message.Status.SENT, Outcome.SENT
+        report.sent += 1
+    elif result.permanent or row.attempts > settings.MAILROOM_MAX_RETRIES:
+        status, outcome = Message.Status.FAILED, Outcome.FAILED
+        report.failed += 1
+    else:
+        status, outcome = Message.Status.DEFERRED, Outcome.RETRIED
+        next_attempt_at = timezone.now() + timedelta(seconds=retry_delay(row.attempts))
+        report.deferred += 1
+        report.retries.append((row.id, next_attempt_at))
+    outbox.record(row.id, status, result.code, result.reply, next_attempt_at)
+    report.done.add(row.id)
+    if result.bad_mailbox:
+        suppress(row.to_email, Suppression.Reason.HARD_BOUNCE, f"{result.code} {result.reply}")
+    bulk = row.queue == Queue.BULK
+    raw = redisstore.record_outcome(row.queue, outcome, row.to_email, read_pause=bulk)
+    return bulk and _pause_state(raw)
+
+
+def _defer_untried(ids: list[uuid.UUID], attempts: int, report: BatchReport) -> None:
+    """The relay looks down: give the rest of the batch back with a delay, untried."""
+    next_attempt_at = timezone.now() + timedelta(seconds=retry_delay(max(attempts, 1)))
+    report.released += outbox.release(ids, next_attempt_at)
+    report.retries.extend((i, next_attempt_at) for i in ids)
+    logger.warning("SMTP relay unreachable: %d message(s) deferred untried", len(ids))
+
+
+def _schedule_retries(queue: str, retries: list[tuple[uuid.UUID, datetime]]) -> None:
+    """Soon retries ride a short Celery countdown; later ones wait in Postgres for beat.
+
+    Long countdowns are never used: Redis would redeliver them after the visibility
+    timeout, again and again.
+    """
+    if not retries:
+        return
+    now = timezone.now()
+    horizon = settings.MAILROOM_MAX_COUNTDOWN_SECONDS
+    soon = [(i, at) for i, at in retries if (at - now).total_seconds() <= horizon]
+    if not soon:
+        return
+    token = uuid.uuid4().hex
+    ids = outbox.set_token([i for i, _ in soon], token)
+    if ids:
+        countdown = max((at - now).total_seconds() for _, at in soon) + 0.5
+        enqueue(queue, ids, token, countdown=countdown)
+
+
+def _redispatch_now(queue: str, ids: Sequence[uuid.UUID]) -> None:
+    token = uuid.uuid4().hex
+    claimed = outbox.set_token(ids, token)
+    if claimed:
+        enqueue(queue, claimed, token)
+
+
+# --------------------------------------------------------------------------------------
+# The sweeper
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepReport:
+    reclaimed: int = 0
+    failed: int = 0
+    redispatched: int = 0
+
+
+def sweep() -> SweepReport:
+    """Find every row whose task is gone and enqueue it again. Safe to run concurrently.
+
+    - ``sending`` rows whose lease expired (the worker died) go back to the queue, or
+      fail if they have been claimed more often than the retry budget allows;
+    - ``queued`` rows older than MAILROOM_STALE_QUEUED_SECONDS whose dispatch token is
+      gone from Redis (the task was lost, e.g. Redis was flushed) are enqueued again;
+    - ``deferred`` rows that are due and have no retry task in flight are enqueued.
+    """
+    is_bulk_paused()  # restores the Redis mirror of the pause switch if it was flushed
+    requeued, failed = outbox.reclaim_expired(settings.MAILROOM_MAX_RETRIES + 1)
+    report = SweepReport(reclaimed=requeued, failed=failed)
+    report.redispatched = redispatch_orphans(settings.MAILROOM_STALE_QUEUED_SECONDS)
+    if requeued or failed or report.redispatched:
+        logger.info("sweep: %s", report)
+    return report
+
+
+def redispatch_orphans(stale_seconds: float, limit: int = 50_000) -> int:
+    """Enqueue rows that wait for a task that no longer exists; return how many."""
+    candidates = outbox.orphan_candidates(
+        stale_seconds, include_bulk=not is_bulk_paused(), limit=limit
+    )
+    if not candidates:
+        return 0
+    tokens = sorted({token for _, _, token in candidates if token})
+    alive: set[str] = set()
+    if tokens:
+        pipe = redisstore.client().pipeline(transaction=False)
+        for token in tokens:
+            pipe.exists(redisstore.dispatch_key(token))
+        alive = {t for t, exists in zip(tokens, pipe.execute(), strict=True) if exists}
+    dead_tokens = [t for t in tokens if t not in alive] + [""]
+    by_queue: dict[str, list[uuid.UUID]] = {}
+    for message_id, queue, token in candidates:
+        if token not in alive:
+            by_queue.setdefault(queue, []).append(message_id)
+    count = 0
+    batch_size = settings.MAILROOM_BATCH_SIZE
+    for queue, ids in by_queue.items():
+        for start in range(0, len(ids), batch_size):
+            token = uuid.uuid4().hex
+            taken = outbox.retoken(ids[start : start + batch_size], dead_tokens, token)
+            if taken:
+                enqueue(queue, taken, token)
+                count += len(taken)
+    return count

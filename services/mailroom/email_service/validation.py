@@ -1,0 +1,86 @@
+"""Checks applied to every request before a single row is written."""
+
+from __future__ import annotations
+
+import json
+import re
+from email.utils import parseaddr
+from typing import Any
+
+from django.template import TemplateDoesNotExist, TemplateSyntaxError
+from django.template.loader import get_template
+from email_validator import EmailNotValidError, validate_email
+
+from email_service.exceptions import InvalidEmailRequest
+
+_TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_HEADER_BREAKERS = ("\r", "\n", "\x00")
+MAX_SUBJECT_LENGTH = 998  # RFC 5322 line limit
+
+
+def normalize_address(value: object, field: str = "to") -> str:
+    """Return the address in the form we store and send to, or raise naming ``field``.
+
+    Policy: internationalised domains are accepted (sent as IDNA), non-ASCII local parts
+    are refused because they need SMTPUTF8, which many relays do not offer.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidEmailRequest(field, "an email address is required")
+    if any(ch in value for ch in _HEADER_BREAKERS):
+        raise InvalidEmailRequest(field, "must not contain CR, LF or NUL characters")
+    try:
+        result = validate_email(value.strip(), check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as exc:
+        raise InvalidEmailRequest(field, f"{value!r} is not a valid email address: {exc}") from None
+    return str(result.ascii_email)
+
+
+def normalize_from(value: object, field: str = "from_email") -> str:
+    """A sender may carry a display name: ``Team <team@example.com>``."""
+    if not isinstance(value, str):
+        raise InvalidEmailRequest(field, "must be a string")
+    check_header(value, field)
+    name, address = parseaddr(value)
+    normalized = normalize_address(address, field)
+    return f"{name} <{normalized}>" if name else normalized
+
+
+def check_header(value: object, field: str, *, max_length: int = MAX_SUBJECT_LENGTH) -> str:
+    if not isinstance(value, str):
+        raise InvalidEmailRequest(field, "must be a string")
+    if any(ch in value for ch in _HEADER_BREAKERS):
+        raise InvalidEmailRequest(field, "must not contain CR, LF or NUL characters")
+    if len(value) > max_length:
+        raise InvalidEmailRequest(field, f"must be at most {max_length} characters")
+    return value
+
+
+def check_subject(value: object) -> str:
+    subject = check_header(value, "subject")
+    if not subject.strip():
+        raise InvalidEmailRequest("subject", "must not be empty")
+    return subject
+
+
+def check_context(value: object, field: str = "context") -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidEmailRequest(field, "must be a JSON object (a dict)")
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidEmailRequest(field, f"must be JSON-serialisable: {exc}") from None
+    return value
+
+
+def check_template(name: object) -> str:
+    if not isinstance(name, str) or not _TEMPLATE_NAME.match(name) or ".." in name:
+        raise InvalidEmailRequest("template", f"{name!r} is not a valid template name")
+    try:
+        get_template(f"emails/{name}.html")
+    except TemplateDoesNotExist:
+        raise InvalidEmailRequest("template", f"unknown template {name!r}") from None
+    except TemplateSyntaxError as exc:
+        raise InvalidEmailRequest("template", f"template {name!r} is broken: {exc}") from None
+    return name

@@ -1,0 +1,184 @@
+"""Django settings for Mailroom: read from the environment only.
+
+Every knob is documented in the README's configuration table. A bad value stops the
+process at start with ``ImproperlyConfigured`` naming the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from messaging_platform.env import (
+    env_bool,
+    env_float,
+    env_int,
+    env_list,
+    env_secret,
+    env_str,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEBUG = env_bool("DEBUG", False)
+SECRET_KEY = env_secret("SECRET_KEY", "insecure-dev-only-key" if DEBUG else None)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1"] if DEBUG else [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "email_service",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "messaging_platform.urls"
+WSGI_APPLICATION = "messaging_platform.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+
+def _database() -> dict[str, object]:
+    url = env_str("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/mailroom")
+    try:
+        config = dj_database_url.parse(url, conn_max_age=env_int("DB_CONN_MAX_AGE", 60))
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from exc
+    if config.get("ENGINE") != "django.db.backends.postgresql":
+        raise ImproperlyConfigured("DATABASE_URL must point at PostgreSQL (postgres://...)")
+    config["CONN_HEALTH_CHECKS"] = True
+    return dict(config)
+
+
+DATABASES = {"default": _database()}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = env_str("STATIC_ROOT", str(BASE_DIR / "staticfiles"))
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+}
+
+# --- Redis: the broker, the counters and the pause switch -------------------------------
+REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+# --- SMTP (Django's names) ------------------------------------------------------------
+EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25, minimum=1)
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL", False)
+if EMAIL_USE_TLS and EMAIL_USE_SSL:
+    raise ImproperlyConfigured("EMAIL_USE_TLS and EMAIL_USE_SSL are mutually exclusive")
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = env_secret("EMAIL_HOST_PASSWORD", "")
+EMAIL_TIMEOUT = env_float("EMAIL_TIMEOUT", 10.0, minimum=0.1)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "Mailroom <noreply@mailroom.example.com>")
+
+# --- Delivery knobs ---------------------------------------------------------------------
+MAILROOM_MAX_RETRIES = env_int("MAILROOM_MAX_RETRIES", 5, minimum=0)
+MAILROOM_BATCH_SIZE = env_int("MAILROOM_BATCH_SIZE", 50, minimum=1)
+MAILROOM_MESSAGES_PER_CONNECTION = env_int("MAILROOM_MESSAGES_PER_CONNECTION", 100, minimum=1)
+MAILROOM_RETRY_BASE_SECONDS = env_float("MAILROOM_RETRY_BASE_SECONDS", 10.0, minimum=0.0)
+MAILROOM_RETRY_MAX_SECONDS = env_float("MAILROOM_RETRY_MAX_SECONDS", 3600.0, minimum=0.0)
+# Retries due sooner than this ride a Celery countdown; later ones wait in Postgres for beat.
+MAILROOM_MAX_COUNTDOWN_SECONDS = env_float("MAILROOM_MAX_COUNTDOWN_SECONDS", 300.0, minimum=0.0)
+# How long a claimed ("sending") row belongs to its worker before the sweeper takes it back.
+MAILROOM_LEASE_SECONDS = env_float("MAILROOM_LEASE_SECONDS", 120.0, minimum=1.0)
+MAILROOM_SWEEP_INTERVAL_SECONDS = env_float("MAILROOM_SWEEP_INTERVAL_SECONDS", 30.0, minimum=0.1)
+# A queued row whose task has vanished is re-enqueued once it is older than this.
+MAILROOM_STALE_QUEUED_SECONDS = env_float("MAILROOM_STALE_QUEUED_SECONDS", 60.0, minimum=0.0)
+MAILROOM_MESSAGE_ID_DOMAIN = env_str("MAILROOM_MESSAGE_ID_DOMAIN", "")
+
+# --- Celery -----------------------------------------------------------------------------
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 300, minimum=1)
+CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 360, minimum=1)
+CELERY_VISIBILITY_TIMEOUT = env_int("CELERY_VISIBILITY_TIMEOUT", 3600, minimum=1)
+
+if not (
+    EMAIL_TIMEOUT
+    < CELERY_TASK_SOFT_TIME_LIMIT
+    < CELERY_TASK_TIME_LIMIT
+    < CELERY_VISIBILITY_TIMEOUT
+):
+    raise ImproperlyConfigured(
+        "need EMAIL_TIMEOUT < CELERY_TASK_SOFT_TIME_LIMIT < CELERY_TASK_TIME_LIMIT"
+        " < CELERY_VISIBILITY_TIMEOUT, got "
+        f"{EMAIL_TIMEOUT} < {CELERY_TASK_SOFT_TIME_LIMIT} < {CELERY_TASK_TIME_LIMIT}"
+        f" < {CELERY_VISIBILITY_TIMEOUT}"
+    )
+if MAILROOM_LEASE_SECONDS <= EMAIL_TIMEOUT * 3:
+    raise ImproperlyConfigured(
+        "MAILROOM_LEASE_SECONDS must exceed three SMTP timeouts (3 x EMAIL_TIMEOUT), "
+        f"got {MAILROOM_LEASE_SECONDS} <= 3 x {EMAIL_TIMEOUT}"
+    )
+
+# Tasks carry message ids; the truth is in Postgres, so results are never stored.
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+# Routing by task name: transactional and bulk never share a queue or a worker pool.
+CELERY_TASK_DEFAULT_QUEUE = "high_priority"
+CELERY_TASK_ROUTES = {
+    "email_service.deliver_bulk": {"queue": "bulk"},
+    "email_service.send_bulk_email_batch": {"queue": "bulk"},
+    "email_service.*": {"queue": "high_priority"},
+}
+# Late acks are safe only because every send first claims its row: a redelivered task
+# finds the row claimed or sent and does nothing. A task whose worker died is requeued;
+# the row's attempts cap stops a message that kills workers from looping forever.
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_VISIBILITY_TIMEOUT}
+CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_VISIBILITY_TIMEOUT}
+CELERY_WORKER_SEND_TASK_EVENTS = True
+CELERY_TASK_SEND_SENT_EVENT = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BEAT_SCHEDULE = {
+    "sweep-outbox": {
+        "task": "email_service.sweep",
+        "schedule": MAILROOM_SWEEP_INTERVAL_SECONDS,
+        "options": {"expires": MAILROOM_SWEEP_INTERVAL_SECONDS},
+    },
+}
