@@ -1,0 +1,56 @@
+# Mailroom: run `make` for the list of targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+APP := services/mailroom
+VENV := $(CURDIR)/.venv
+UV_VERSION := 0.13.8
+UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+BIN := $(VENV)/bin
+
+.PHONY: help setup test test-fast lint fmt typecheck dev bench clean
+
+help: ## Show this help
+	@echo "Mailroom - asynchronous email delivery for Django teams"
+	@echo
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+$(CURDIR)/.tools/bin/uv:
+	$(PYTHON) -m venv $(CURDIR)/.tools
+	$(CURDIR)/.tools/bin/pip install --quiet uv==$(UV_VERSION)
+
+$(VENV)/.synced: $(APP)/pyproject.toml $(APP)/uv.lock | $(UV)
+	$(UV) sync --frozen --project $(APP) --python $(PYTHON)
+	@touch $@
+
+setup: $(VENV)/.synced ## Create .venv and install the locked dependencies
+
+lint: setup ## ruff check, ruff format --check and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	SECRET_KEY=mypy $(BIN)/mypy
+
+typecheck: setup ## mypy only
+	SECRET_KEY=mypy $(BIN)/mypy
+
+fmt: setup ## Format and autofix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: setup ## Lint, then every test (needs Redis and PostgreSQL on localhost)
+	$(MAKE) --no-print-directory lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: setup ## Tests only, stop at the first failure
+	$(BIN)/pytest -x $(PYTEST_ARGS)
+
+dev: setup ## Run web, both worker pools, beat, Flower and an SMTP sink as local processes
+	$(BIN)/python deploy/dev.py
+
+bench: setup ## Benchmarks: each prints a table of ratios against a baseline from the same run
+	$(BIN)/python bench/delivery.py
+
+clean: ## Remove the virtualenv, caches and test output
+	rm -rf $(VENV) .tools test-output .mypy_cache .ruff_cache

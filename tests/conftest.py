@@ -1,0 +1,109 @@
+"""Fixtures that start the real things: Redis, Postgres, Celery workers, an SMTP sink."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from django.conf import settings
+
+from tests.support.processes import OUTPUT_DIR, Role, beat, wait_until, worker
+from tests.support.smtp_sink import SMTPSink
+
+REDIS_PORT = int(os.environ["MAILROOM_TEST_REDIS_PORT"])
+SMTP_PORT = int(os.environ["MAILROOM_TEST_SMTP_PORT"])
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[redis.Redis]:
+    """A private redis-server, so tests can flush or stop it without touching anyone else."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is required (apt-get install redis-server)"
+    OUTPUT_DIR.mkdir(exist_ok=True)
+    proc = subprocess.Popen(
+        [binary, "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(OUTPUT_DIR)],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=REDIS_PORT)
+    wait_until(lambda: _pings(client), 10, what="redis-server")
+    yield client
+    proc.terminate()
+    proc.wait(10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _clean_redis(redis_server: redis.Redis) -> None:
+    redis_server.flushall()
+
+
+@pytest.fixture(scope="session")
+def _sink_server() -> Iterator[SMTPSink]:
+    sink = SMTPSink(SMTP_PORT).start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def smtp_sink(_sink_server: SMTPSink) -> SMTPSink:
+    _sink_server.reset()
+    return _sink_server
+
+
+@pytest.fixture
+def role_env(transactional_db: None) -> dict[str, str]:
+    """The environment for processes a test starts, pointed at the *test* database."""
+    db = settings.DATABASES["default"]
+    env = dict(os.environ)
+    env["DATABASE_URL"] = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+    env["DJANGO_SETTINGS_MODULE"] = "messaging_platform.settings"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+@pytest.fixture
+def start_role(role_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Role]]:
+    """Start workers and beat for one test; everything is stopped when it ends."""
+    started: list[Role] = []
+
+    def start(kind: str, **kwargs: object) -> Role:
+        env = dict(role_env)
+        env.update({k: str(v) for k, v in dict(kwargs.pop("env", {}) or {}).items()})  # type: ignore[call-overload]
+        if kind == "beat":
+            role = beat(env, tmp_path / "beat-schedule")
+        else:
+            role = worker(env, **kwargs)  # type: ignore[arg-type]
+        started.append(role)
+        return role.start()
+
+    yield start
+    for role in reversed(started):
+        role.stop()
+
+
+@pytest.fixture
+def running_worker(start_role: Callable[..., Role]) -> Role:
+    """One worker consuming both queues, as in the smallest deployment."""
+    return start_role("worker", queues="high_priority,bulk", concurrency=2)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 60, what: str = "") -> None:
+    wait_until(predicate, timeout, interval=0.1, what=what)
+
+
+def settle(seconds: float = 0.5) -> None:
+    time.sleep(seconds)

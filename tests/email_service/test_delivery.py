@@ -1,0 +1,233 @@
+"""End-to-end delivery: a real Celery worker, Postgres, Redis and an SMTP socket."""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Callable
+
+import pytest
+from more_itertools import chunked
+
+from email_service import redisstore, services
+from email_service.models import DeliveryAttempt, Message, Suppression
+from email_service.tasks import send_bulk_email_batch, send_high_priority_email
+from tests.conftest import wait_for
+from tests.support.processes import Role
+from tests.support.smtp_sink import SMTPSink
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _status_counts() -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for status in Message.objects.values_list("status", flat=True):
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def _all_settled(total: int) -> Callable[[], bool]:
+    def check() -> bool:
+        return Message.objects.filter(status__in=["sent", "failed", "suppressed"]).count() == total
+
+    return check
+
+
+def test_a_transactional_email_arrives_as_multipart_alternative(
+    running_worker: Role, smtp_sink: SMTPSink
+) -> None:
+    result = send_high_priority_email.delay(
+        "ann@example.com",
+        "Welcome aboard",
+        {"name": "Ann <script>", "action_url": "https://app.example.com/start"},
+        "welcome",
+    )
+
+    wait_for(lambda: smtp_sink.count() == 1, 30, "the email to arrive")
+    [received] = smtp_sink.received
+    mail = received.parsed()
+    message = Message.objects.get(id=result.message_ids[0])
+    assert message.status == "sent"
+    assert received.rcpt_to == "ann@example.com"
+    assert mail.get_content_type() == "multipart/alternative"
+    assert mail["Subject"] == "Welcome aboard"
+    assert mail["To"] == "ann@example.com"
+    assert mail["Message-ID"] == message.message_id_header
+    assert mail["Message-ID"].endswith("@mailroom.example.com>")
+    assert email.utils.parsedate_to_datetime(mail["Date"]) is not None
+    text = mail.get_body(preferencelist=("plain",)).get_content()
+    html = mail.get_body(preferencelist=("html",)).get_content()
+    # Context is autoescaped in HTML; the text part is readable, not markup.
+    assert "Ann &lt;script&gt;" in html
+    assert "<script>" not in html
+    assert "Welcome, Ann <script>!" in text
+    assert "https://app.example.com/start" in text
+    assert "<p>" not in text
+
+
+def test_a_template_without_txt_gets_a_text_part_converted_from_html(
+    running_worker: Role, smtp_sink: SMTPSink
+) -> None:
+    services.send_email(
+        to="bob@example.com",
+        subject="News",
+        template="newsletter",
+        context={"headline": "Spring & more", "items": [{"title": "First", "url": "https://x.example.com/1"}]},
+    )
+
+    wait_for(lambda: smtp_sink.count() == 1, 30, "the email to arrive")
+    mail = smtp_sink.received[0].parsed()
+    text = mail.get_body(preferencelist=("plain",)).get_content()
+    assert "Spring & more" in text
+    assert "* First" in text
+    assert "<" not in text
+
+
+def test_2000_bulk_recipients_each_get_exactly_one_copy_over_one_connection_per_batch(
+    running_worker: Role, smtp_sink: SMTPSink
+) -> None:
+    recipients = [f"user{i}@example.com" for i in range(2000)]
+    batches = 0
+    for chunk in chunked(recipients, 50):
+        send_bulk_email_batch.delay(chunk, "Newsletter", {"headline": "Hello"}, "newsletter")
+        batches += 1
+
+    wait_for(lambda: smtp_sink.count() >= 2000, 120, "2,000 deliveries")
+    wait_for(_all_settled(2000), 30, "every row to be recorded")
+    copies = smtp_sink.copies()
+    assert set(copies) == set(recipients)
+    assert max(copies.values()) == 1
+    assert smtp_sink.connections <= batches
+    assert _status_counts() == {"sent": 2000}
+    assert int(redisstore.client().get(redisstore.SENT_TOTAL) or 0) == 2000
+
+
+def test_it_retries_451_and_every_recipient_gets_exactly_one_copy(
+    running_worker: Role, smtp_sink: SMTPSink
+) -> None:
+    smtp_sink.refuse_every(7, "451 4.3.0 Try again later", until_message=400)
+    recipients = [f"r{i}@example.com" for i in range(350)]
+    for chunk in chunked(recipients, 50):
+        send_bulk_email_batch.delay(chunk, "Newsletter", {}, "newsletter")
+
+    wait_for(_all_settled(350), 90, "every recipient to be delivered")
+    copies = smtp_sink.copies()
+    assert set(copies) == set(recipients)
+    assert max(copies.values()) == 1
+    retried = Message.objects.filter(attempts__gt=1)
+    assert retried.count() >= 45  # one in seven was refused at least once
+    assert _status_counts() == {"sent": 350}
+    assert DeliveryAttempt.objects.filter(outcome="deferred", smtp_code=451).count() >= 45
+    # Delivered addresses leave the retry hash: it stays bounded.
+    assert redisstore.client().hlen(redisstore.RETRY_COUNTS) == 0
+
+
+def test_it_does_not_retry_on_550_and_suppresses_the_bad_mailbox(
+    running_worker: Role, smtp_sink: SMTPSink
+) -> None:
+    smtp_sink.refuse_address("ghost@example.com", "550 5.1.1 No such user here")
+    recipients = [f"p{i}@example.com" for i in range(30)] + ["ghost@example.com"]
+    send_bulk_email_batch.delay(recipients, "Newsletter", {}, "newsletter")
+
+    wait_for(_all_settled(31), 30, "the batch to finish")
+    ghost = Message.objects.get(to_email="ghost@example.com")
+    assert ghost.status == "failed"
+    assert ghost.attempts == 1
+    assert ghost.last_smtp_code == 550
+    assert Suppression.objects.filter(address="ghost@example.com", reason="hard_bounce").exists()
+    assert _status_counts() == {"sent": 30, "failed": 1}
+    assert "ghost@example.com" not in smtp_sink.copies()
+
+    # A suppressed address is never sent to again.
+    later = services.send_email(to="Ghost@example.com", subject="Hi", template="welcome")
+    assert later.status == "suppressed"
+
+
+def test_a_dropped_connection_mid_batch_loses_and_duplicates_nobody(
+    running_worker: Role, smtp_sink: SMTPSink
+) -> None:
+    smtp_sink.drop_connection_at(10, 25, 26)
+    recipients = [f"d{i}@example.com" for i in range(100)]
+    for chunk in chunked(recipients, 50):
+        send_bulk_email_batch.delay(chunk, "Newsletter", {}, "newsletter")
+
+    wait_for(_all_settled(100), 60, "every recipient to be delivered")
+    copies = smtp_sink.copies()
+    assert set(copies) == set(recipients)
+    assert max(copies.values()) == 1
+    assert _status_counts() == {"sent": 100}
+    assert DeliveryAttempt.objects.filter(outcome="deferred", smtp_code=None).count() == 3
+
+
+def test_a_worker_killed_mid_batch_loses_nothing(
+    start_role: Callable[..., Role], smtp_sink: SMTPSink
+) -> None:
+    smtp_sink.set_delay(0.01)
+    first = start_role("worker", queues="high_priority,bulk", concurrency=2)
+    start_role("beat")
+    recipients = [f"k{i}@example.com" for i in range(600)]
+    for chunk in chunked(recipients, 50):
+        send_bulk_email_batch.delay(chunk, "Newsletter", {}, "newsletter")
+
+    wait_for(lambda: smtp_sink.count() >= 150, 60, "the run to be under way")
+    first.kill()
+    assert smtp_sink.count() < 600, "the kill must happen mid-run"
+    start_role("worker", queues="high_priority,bulk", concurrency=2, name="worker-restarted")
+
+    wait_for(_all_settled(600), 120, "every recipient to be delivered after the restart")
+    copies = smtp_sink.copies()
+    assert set(copies) == set(recipients)
+    duplicated = sum(n - 1 for n in copies.values())
+    assert duplicated <= 2, f"{duplicated} duplicates; at most one per killed process"
+    assert _status_counts() == {"sent": 600}
+
+
+def test_a_flushed_redis_is_recovered_by_the_sweeper(
+    start_role: Callable[..., Role], smtp_sink: SMTPSink
+) -> None:
+    smtp_sink.set_delay(0.01)
+    start_role("worker", queues="high_priority,bulk", concurrency=2)
+    start_role("beat")
+    recipients = [f"f{i}@example.com" for i in range(600)]
+    for chunk in chunked(recipients, 50):
+        send_bulk_email_batch.delay(chunk, "Newsletter", {}, "newsletter")
+
+    wait_for(lambda: smtp_sink.count() >= 100, 60, "the run to be under way")
+    redisstore.client().flushall()  # the queue, the tokens, the counters: all gone
+    assert smtp_sink.count() < 600, "the flush must happen mid-run"
+
+    wait_for(_all_settled(600), 120, "the sweeper to bring every row to sent")
+    copies = smtp_sink.copies()
+    assert set(copies) == set(recipients)
+    assert max(copies.values()) == 1
+    assert _status_counts() == {"sent": 600}
+
+
+def test_pause_stops_bulk_within_a_message_and_resume_delivers_exactly_the_rest(
+    start_role: Callable[..., Role], smtp_sink: SMTPSink
+) -> None:
+    smtp_sink.set_delay(0.02)
+    start_role("worker", queues="bulk", concurrency=2, name="worker-bulk")
+    start_role("worker", queues="high_priority", concurrency=1, name="worker-high")
+    recipients = [f"z{i}@example.com" for i in range(400)]
+    for chunk in chunked(recipients, 50):
+        send_bulk_email_batch.delay(chunk, "Newsletter", {}, "newsletter")
+    wait_for(lambda: smtp_sink.count() >= 40, 60, "bulk to be under way")
+
+    services.pause_bulk()
+    at_pause = smtp_sink.count()
+    wait_for(
+        lambda: not Message.objects.filter(status="sending").exists(), 10, "batches to stop"
+    )
+    settled = smtp_sink.count()
+    # Each of the two bulk processes may finish the one message it was sending.
+    assert settled - at_pause <= 2
+    services.send_email(to="reset@example.com", subject="Reset your password", template="welcome")
+    wait_for(lambda: "reset@example.com" in smtp_sink.copies(), 20, "transactional mail")
+    assert smtp_sink.count() - settled == 1, "only the transactional email went out while paused"
+    assert Message.objects.filter(queue="bulk", status="queued").count() == 400 - settled
+
+    services.resume_bulk()
+    wait_for(_all_settled(401), 90, "the rest of the bulk mail after resume")
+    copies = smtp_sink.copies()
+    assert set(copies) == {*recipients, "reset@example.com"}
+    assert max(copies.values()) == 1

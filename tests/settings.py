@@ -1,0 +1,45 @@
+"""Settings for the test run: the real settings module, fed a test environment.
+
+The same environment is handed to every process a test starts (Celery workers, beat,
+gunicorn), so they all talk to the same private Redis, test database and SMTP sink.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+TEST_ENV = {
+    "SECRET_KEY": "test-secret-key-not-for-production",
+    "DEBUG": "false",
+    "ALLOWED_HOSTS": "localhost,127.0.0.1,testserver",
+    "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/mailroom_tests",
+    # A private redis-server on a free port, started by the tests' conftest.
+    "MAILROOM_TEST_REDIS_PORT": str(_free_port()),
+    "MAILROOM_TEST_SMTP_PORT": str(_free_port()),
+    "EMAIL_HOST": "127.0.0.1",
+    "EMAIL_TIMEOUT": "2",
+    "DEFAULT_FROM_EMAIL": "Mailroom Tests <noreply@mailroom.example.com>",
+    # Short clocks so that failure recovery happens within a test's patience.
+    "MAILROOM_LEASE_SECONDS": "8",
+    "MAILROOM_STALE_QUEUED_SECONDS": "2",
+    "MAILROOM_RETRY_BASE_SECONDS": "0.5",
+    "MAILROOM_SWEEP_INTERVAL_SECONDS": "1",
+    "CELERY_TASK_SOFT_TIME_LIMIT": "30",
+    "CELERY_TASK_TIME_LIMIT": "40",
+    "CELERY_VISIBILITY_TIMEOUT": "60",
+    "LOG_LEVEL": "WARNING",
+}
+for _name, _value in TEST_ENV.items():
+    os.environ.setdefault(_name, _value)
+os.environ.setdefault("REDIS_URL", f"redis://127.0.0.1:{os.environ['MAILROOM_TEST_REDIS_PORT']}/0")
+os.environ.setdefault("EMAIL_PORT", os.environ["MAILROOM_TEST_SMTP_PORT"])
+
+from messaging_platform.settings import *  # noqa: E402, F403

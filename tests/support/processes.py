@@ -1,0 +1,111 @@
+"""Start and stop the real roles (Celery worker, beat, redis-server) as processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+APP_DIR = REPO / "services" / "mailroom"
+OUTPUT_DIR = REPO / "test-output"
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float, interval: float = 0.1, what: str = ""
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+class Role:
+    """One process started in its own session, so a kill takes its children too."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], ready: str) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.ready = ready
+        OUTPUT_DIR.mkdir(exist_ok=True)
+        self.log_path = OUTPUT_DIR / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> Role:
+        log = self.log_path.open("ab")
+        log.write(f"\n===== start {' '.join(self.argv)}\n".encode())
+        log.flush()
+        offset = log.tell()
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=APP_DIR,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+        def is_ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited early:\n{self.log_tail()}")
+            with self.log_path.open("rb") as f:
+                f.seek(offset)
+                return self.ready.encode() in f.read()
+
+        wait_until(is_ready, timeout, what=f"{self.name} to be ready")
+        return self
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no warm shutdown, no cleanup."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15) -> None:
+        if not self.proc or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+def celery(app_env: dict[str, str], *args: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "messaging_platform", *args]
+
+
+def worker(env: dict[str, str], queues: str, concurrency: int = 2, name: str = "worker") -> Role:
+    argv = celery(
+        env,
+        "worker",
+        "-Q",
+        queues,
+        "-c",
+        str(concurrency),
+        "-n",
+        f"{name}@%h",
+        "--without-mingle",
+        "--without-gossip",
+        "-l",
+        "info",
+    )
+    return Role(name, argv, env, ready=" ready.")
+
+
+def beat(env: dict[str, str], schedule_file: Path) -> Role:
+    argv = celery(env, "beat", "-s", str(schedule_file), "-l", "info")
+    return Role("beat", argv, env, ready="beat: Starting")
