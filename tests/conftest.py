@@ -27,8 +27,19 @@ def redis_server() -> Iterator[redis.Redis]:
     assert binary, "redis-server is required (apt-get install redis-server)"
     OUTPUT_DIR.mkdir(exist_ok=True)
     proc = subprocess.Popen(
-        [binary, "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(OUTPUT_DIR)],
+        [
+            binary,
+            "--port",
+            str(REDIS_PORT),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(OUTPUT_DIR),
+        ],
         stdout=subprocess.DEVNULL,
     )
     client = redis.Redis(port=REDIS_PORT)
@@ -83,10 +94,9 @@ def start_role(role_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..
     def start(kind: str, **kwargs: object) -> Role:
         env = dict(role_env)
         env.update({k: str(v) for k, v in dict(kwargs.pop("env", {}) or {}).items()})  # type: ignore[call-overload]
-        if kind == "beat":
-            role = beat(env, tmp_path / "beat-schedule")
-        else:
-            role = worker(env, **kwargs)  # type: ignore[arg-type]
+        role = (
+            beat(env, tmp_path / "beat-schedule") if kind == "beat" else worker(env, **kwargs)  # type: ignore[arg-type]
+        )
         started.append(role)
         return role.start()
 

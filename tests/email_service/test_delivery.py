@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import email.utils
 from collections.abc import Callable
+from email.message import EmailMessage
 
 import pytest
 from more_itertools import chunked
 
 from email_service import redisstore, services
 from email_service.models import DeliveryAttempt, Message, Suppression
-from email_service.tasks import send_bulk_email_batch, send_high_priority_email
+from email_service.tasks import QueuedResult, send_bulk_email_batch, send_high_priority_email
 from tests.conftest import wait_for
 from tests.support.processes import Role
 from tests.support.smtp_sink import SMTPSink
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _part(mail: EmailMessage, subtype: str) -> str:
+    body = mail.get_body(preferencelist=(subtype,))
+    assert body is not None, f"no text/{subtype} part"
+    return str(body.get_content())
 
 
 def _status_counts() -> dict[str, int]:
@@ -43,6 +50,7 @@ def test_a_transactional_email_arrives_as_multipart_alternative(
     )
 
     wait_for(lambda: smtp_sink.count() == 1, 30, "the email to arrive")
+    assert isinstance(result, QueuedResult), ".delay() records the message and says which"
     [received] = smtp_sink.received
     mail = received.parsed()
     message = Message.objects.get(id=result.message_ids[0])
@@ -54,8 +62,8 @@ def test_a_transactional_email_arrives_as_multipart_alternative(
     assert mail["Message-ID"] == message.message_id_header
     assert mail["Message-ID"].endswith("@mailroom.example.com>")
     assert email.utils.parsedate_to_datetime(mail["Date"]) is not None
-    text = mail.get_body(preferencelist=("plain",)).get_content()
-    html = mail.get_body(preferencelist=("html",)).get_content()
+    text = _part(mail, "plain")
+    html = _part(mail, "html")
     # Context is autoescaped in HTML; the text part is readable, not markup.
     assert "Ann &lt;script&gt;" in html
     assert "<script>" not in html
@@ -71,12 +79,15 @@ def test_a_template_without_txt_gets_a_text_part_converted_from_html(
         to="bob@example.com",
         subject="News",
         template="newsletter",
-        context={"headline": "Spring & more", "items": [{"title": "First", "url": "https://x.example.com/1"}]},
+        context={
+            "headline": "Spring & more",
+            "items": [{"title": "First", "url": "https://x.example.com/1"}],
+        },
     )
 
     wait_for(lambda: smtp_sink.count() == 1, 30, "the email to arrive")
     mail = smtp_sink.received[0].parsed()
-    text = mail.get_body(preferencelist=("plain",)).get_content()
+    text = _part(mail, "plain")
     assert "Spring & more" in text
     assert "* First" in text
     assert "<" not in text
@@ -215,9 +226,7 @@ def test_pause_stops_bulk_within_a_message_and_resume_delivers_exactly_the_rest(
 
     services.pause_bulk()
     at_pause = smtp_sink.count()
-    wait_for(
-        lambda: not Message.objects.filter(status="sending").exists(), 10, "batches to stop"
-    )
+    wait_for(lambda: not Message.objects.filter(status="sending").exists(), 10, "batches to stop")
     settled = smtp_sink.count()
     # Each of the two bulk processes may finish the one message it was sending.
     assert settled - at_pause <= 2
@@ -231,3 +240,66 @@ def test_pause_stops_bulk_within_a_message_and_resume_delivers_exactly_the_rest(
     copies = smtp_sink.copies()
     assert set(copies) == {*recipients, "reset@example.com"}
     assert max(copies.values()) == 1
+
+
+def test_retries_stop_after_the_budget_and_the_message_fails(
+    start_role: Callable[..., Role], smtp_sink: SMTPSink
+) -> None:
+    smtp_sink.refuse_address("full@example.com", "452 4.2.2 Mailbox full")
+    start_role(
+        "worker", queues="high_priority,bulk", concurrency=1, env={"MAILROOM_MAX_RETRIES": 2}
+    )
+    services.send_email(to="full@example.com", subject="Hi", template="welcome")
+
+    wait_for(_all_settled(1), 30, "the retries to run out")
+    message = Message.objects.get()
+    assert message.status == "failed"
+    assert message.attempts == 3, "one try and two retries"
+    outcomes = list(message.attempts_log.order_by("attempt").values_list("outcome", "smtp_code"))
+    assert outcomes == [("deferred", 452), ("deferred", 452), ("failed", 452)]
+    assert not Suppression.objects.exists(), "a full mailbox is not a bad address"
+    assert redisstore.client().hlen(redisstore.RETRY_COUNTS) == 0
+
+
+def test_a_relay_that_is_down_defers_the_batch_and_delivers_it_when_back(
+    running_worker: Role, smtp_sink: SMTPSink
+) -> None:
+    smtp_sink.set_down(True)
+    recipients = [f"w{i}@example.com" for i in range(50)]
+    send_bulk_email_batch.delay(recipients, "Newsletter", {}, "newsletter")
+
+    wait_for(
+        lambda: Message.objects.filter(status="deferred").count() == 50, 30, "the batch to defer"
+    )
+    # Three failed connections, not fifty: the rest of the batch was deferred untried.
+    assert DeliveryAttempt.objects.count() == 3
+    smtp_sink.set_down(False)
+
+    wait_for(_all_settled(50), 60, "delivery once the relay is back")
+    copies = smtp_sink.copies()
+    assert set(copies) == set(recipients)
+    assert max(copies.values()) == 1
+
+
+def test_a_task_sent_by_name_twice_delivers_once(
+    start_role: Callable[..., Role], smtp_sink: SMTPSink
+) -> None:
+    from celery import current_app
+
+    for _ in range(2):  # the same task id: as if Redis redelivered it
+        current_app.send_task(
+            "email_service.send_high_priority_email",
+            args=["byname@example.com", "Hello", {"name": "B"}, "welcome"],
+            task_id="7d1b4b8e-1111-4d8e-9a51-5f0e2f3a0c11",
+        )
+    start_role("worker", queues="high_priority", concurrency=2)
+
+    client = redisstore.client()
+    wait_for(
+        lambda: client.llen("high_priority") == 0 and client.hlen("unacked") == 0,
+        30,
+        "both copies of the task and the delivery task to be consumed",
+    )
+    wait_for(_all_settled(1), 10, "the row to be recorded")
+    assert Message.objects.count() == 1
+    assert smtp_sink.copies() == {"byname@example.com": 1}

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -29,7 +29,7 @@ class Received:
     at: float
 
     def parsed(self) -> EmailMessage:
-        return message_from_bytes(self.data, policy=policy.default)  # type: ignore[return-value]
+        return message_from_bytes(self.data, policy=policy.default)
 
 
 # A rule sees (message number, recipient) and returns an SMTP reply to refuse with, or
@@ -60,15 +60,16 @@ class _Handler:
             number = self.state.data_commands
             rcpt = envelope.rcpt_tos[0] if envelope.rcpt_tos else ""
             drop = number in self.state.drop_at
-            reply = None if drop else next(
-                (r for r in (rule(number, rcpt) for rule in self.state.rules) if r), None
+            reply = (
+                None
+                if drop
+                else next((r for r in (rule(number, rcpt) for rule in self.state.rules) if r), None)
             )
         if self.state.delay:
             await asyncio.sleep(self.state.delay)
         if drop:
             # The relay dies after reading the message and before queueing it.
-            assert server.transport is not None
-            server.transport.abort()
+            cast(asyncio.Transport, server.transport).abort()
             return "421 4.3.2 connection dropped by test"
         if reply:
             with self.lock:
@@ -97,7 +98,7 @@ class _CountingSMTP(SMTP):
             self._sink_state.connections += 1
             down = self._sink_state.down
         if down:
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()
             return
         super().connection_made(transport)
 

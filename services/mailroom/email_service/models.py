@@ -104,6 +104,9 @@ class DeliveryAttempt(models.Model):
     class Meta:
         indexes = [models.Index(fields=["message", "attempt"], name="attempt_msg_idx")]
 
+    def __str__(self) -> str:
+        return f"attempt {self.attempt}: {self.outcome} {self.smtp_code or ''}".strip()
+
 
 class Suppression(models.Model):
     """Addresses that must never be sent to (hard bounces, unsubscribes, complaints)."""

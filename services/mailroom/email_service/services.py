@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import parseaddr
-from typing import Any
+from typing import Any, cast
 
 import redis
 from celery import current_app
@@ -259,24 +259,20 @@ def suppress(address: str, reason: str, detail: str = "") -> None:
 
 def pause_bulk() -> None:
     """Pause every bulk batch before its next message; transactional mail keeps flowing."""
-    ControlFlag.objects.update_or_create(
-        name=redisstore.BULK_PAUSE, defaults={"enabled": True}
-    )
+    ControlFlag.objects.update_or_create(name=redisstore.BULK_PAUSE, defaults={"enabled": True})
     redisstore.client().set(redisstore.BULK_PAUSE, "1")
 
 
 def resume_bulk() -> int:
     """Resume bulk and re-dispatch exactly the bulk rows that are not sent or in flight."""
-    ControlFlag.objects.update_or_create(
-        name=redisstore.BULK_PAUSE, defaults={"enabled": False}
-    )
+    ControlFlag.objects.update_or_create(name=redisstore.BULK_PAUSE, defaults={"enabled": False})
     redisstore.client().set(redisstore.BULK_PAUSE, "0")
     return redispatch_orphans(stale_seconds=0)
 
 
 def is_bulk_paused() -> bool:
     try:
-        raw = redisstore.client().get(redisstore.BULK_PAUSE)
+        raw = cast(bytes | None, redisstore.client().get(redisstore.BULK_PAUSE))
     except redis.RedisError:
         raw = None
     return _pause_state(raw)

@@ -8,6 +8,7 @@ session is reset or dropped, so one bad reply never poisons the messages after i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import smtplib
@@ -158,10 +159,8 @@ class SMTPTransport:
         conn, self._conn = self._conn, None
         if conn is not None:
             if quit:
-                try:
+                with contextlib.suppress(smtplib.SMTPException, OSError):
                     conn.quit()
-                except (smtplib.SMTPException, OSError):
-                    pass
             self._discard(conn)
 
     @staticmethod

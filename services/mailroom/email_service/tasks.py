@@ -21,7 +21,17 @@ from email_service import services
 from email_service.models import Queue
 
 
-class RecordFirstTask(Task):  # type: ignore[misc]
+class QueuedResult(AsyncResult):
+    """What ``.delay()`` returns: ``message_ids`` are the rows that were recorded.
+
+    Results are not stored (delivery status lives in Postgres), so look the messages
+    up by id instead of calling ``.get()``.
+    """
+
+    message_ids: list[str]
+
+
+class RecordFirstTask(Task):
     """A task whose ``apply_async`` records the email in Postgres instead of queueing it."""
 
     abstract = True
@@ -32,13 +42,13 @@ class RecordFirstTask(Task):  # type: ignore[misc]
 
     def apply_async(
         self,
-        args: tuple[Any, ...] | list[Any] | None = None,
+        args: tuple[Any, ...] | None = None,
         kwargs: dict[str, Any] | None = None,
         task_id: str | None = None,
+        *extra: Any,
         **options: Any,
-    ) -> AsyncResult:
-        task_id = task_id or str(uuid.uuid4())
-        result = AsyncResult(task_id, app=self.app)
+    ) -> QueuedResult:
+        result = QueuedResult(task_id or str(uuid.uuid4()), app=self.app)
         result.message_ids = self.record(tuple(args or ()), dict(kwargs or {}), None)
         return result
 
@@ -56,7 +66,7 @@ class SendBulkEmailBatch(RecordFirstTask):
     def record(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None) -> list[str]:
         recipients, subject, context, template = _legacy_args(args, kwargs, "recipients")
         messages = services.send_bulk_batch(
-            list(recipients), subject, context, template, idempotency_prefix=key
+            recipients, subject, context, template, idempotency_prefix=key
         )
         return [str(m.id) for m in messages]
 

@@ -41,6 +41,8 @@ def normalize_from(value: object, field: str = "from_email") -> str:
         raise InvalidEmailRequest(field, "must be a string")
     check_header(value, field)
     name, address = parseaddr(value)
+    if not address:
+        raise InvalidEmailRequest(field, f"{value!r} is not a valid email address")
     normalized = normalize_address(address, field)
     return f"{name} <{normalized}>" if name else normalized
 

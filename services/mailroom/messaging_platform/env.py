@@ -18,7 +18,7 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 def env_str(name: str, default: str | None = None) -> str:
     value = os.environ.get(name)
-    if value is None:
+    if not value:
         if default is None:
             raise ImproperlyConfigured(f"{name} must be set")
         return default
