@@ -534,16 +534,33 @@ def stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+def measured(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]] | None:
+    """``measure`` with its logs removed afterwards, or kept when something failed."""
+    logs = Path(tempfile.mkdtemp(prefix="mailroom-bench-"))
+    keep_logs = False
+    try:
+        return measure(args, logs)
+    except Exception:
+        keep_logs = True
+        print(f"benchmark failed; logs kept in {logs}", file=sys.stderr)
+        raise
+    except KeyboardInterrupt:
+        print("benchmark interrupted; every process it started is stopped", file=sys.stderr)
+        return None
+    finally:
+        if not keep_logs:
+            shutil.rmtree(logs, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Ctrl-C works even when started from a shell that ignores SIGINT for background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
-    logs = Path(tempfile.mkdtemp(prefix="mailroom-bench-"))
-    try:
-        runs, facts = measure(args, logs)
-    except BaseException:
-        print(f"benchmark aborted; logs kept in {logs}", file=sys.stderr)
-        raise
-    shutil.rmtree(logs, ignore_errors=True)
+    result = measured(args)
+    if result is None:
+        return 130
+    runs, facts = result
     print(report(runs, facts))
     if args.json:
         args.json.write_text(json.dumps(as_json(runs, facts), indent=2) + "\n")

@@ -13,7 +13,7 @@ import pytest
 import redis
 from django.conf import settings
 
-from tests.support.processes import OUTPUT_DIR, Role, beat, wait_until, worker
+from tests.support.processes import RedisServer, Role, beat, wait_until, worker
 from tests.support.smtp_sink import SMTPSink
 
 REDIS_PORT = int(os.environ["MAILROOM_TEST_REDIS_PORT"])
@@ -21,39 +21,19 @@ SMTP_PORT = int(os.environ["MAILROOM_TEST_SMTP_PORT"])
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[redis.Redis]:
+def redis_process() -> Iterator[RedisServer]:
     """A private redis-server, so tests can flush or stop it without touching anyone else."""
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is required (apt-get install redis-server)"
-    OUTPUT_DIR.mkdir(exist_ok=True)
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(REDIS_PORT),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(OUTPUT_DIR),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=REDIS_PORT)
-    wait_until(lambda: _pings(client), 10, what="redis-server")
-    yield client
-    proc.terminate()
-    proc.wait(10)
+    assert shutil.which("redis-server"), "redis-server is required (apt-get install redis-server)"
+    server = RedisServer(REDIS_PORT).start()
+    yield server
+    server.stop()
 
 
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
+@pytest.fixture
+def redis_server(redis_process: RedisServer) -> Iterator[redis.Redis]:
+    if redis_process.proc is None or redis_process.proc.poll() is not None:
+        redis_process.start()  # a previous test stopped it
+    yield redis.Redis(port=REDIS_PORT)
 
 
 @pytest.fixture(autouse=True)

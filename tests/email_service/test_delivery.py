@@ -13,7 +13,7 @@ from email_service import redisstore, services
 from email_service.models import DeliveryAttempt, Message, Suppression
 from email_service.tasks import QueuedResult, send_bulk_email_batch, send_high_priority_email
 from tests.conftest import wait_for
-from tests.support.processes import Role
+from tests.support.processes import RedisServer, Role
 from tests.support.smtp_sink import SMTPSink
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -303,3 +303,41 @@ def test_a_task_sent_by_name_twice_delivers_once(
     wait_for(_all_settled(1), 10, "the row to be recorded")
     assert Message.objects.count() == 1
     assert smtp_sink.copies() == {"byname@example.com": 1}
+
+
+def test_a_redelivered_delivery_task_sends_nothing_twice(
+    start_role: Callable[..., Role], smtp_sink: SMTPSink
+) -> None:
+    from celery import current_app
+
+    smtp_sink.set_delay(0.01)
+    messages = services.send_bulk_batch(
+        [f"again{i}@example.com" for i in range(40)], "News", {}, "newsletter"
+    )
+    ids = [str(m.id) for m in messages]
+    for _ in range(3):  # Redis may deliver a task again: after a visibility timeout, say
+        current_app.send_task("email_service.deliver_bulk", args=[ids, ""])
+    start_role("worker", queues="bulk", concurrency=2)
+
+    wait_for(_all_settled(40), 30, "the batch to be delivered")
+    client = redisstore.client()
+    wait_for(lambda: client.llen("bulk") == 0 and client.hlen("unacked") == 0, 30, "all tasks")
+    copies = smtp_sink.copies()
+    assert len(copies) == 40
+    assert max(copies.values()) == 1
+    assert DeliveryAttempt.objects.count() == 40
+
+
+def test_email_is_accepted_while_redis_is_down_and_delivered_when_it_is_back(
+    redis_process: RedisServer, start_role: Callable[..., Role], smtp_sink: SMTPSink
+) -> None:
+    redis_process.stop()
+
+    message = services.send_email(to="patient@example.com", subject="Hi", template="welcome")
+
+    assert Message.objects.get(id=message.id).status == "queued", "stored, not lost"
+    redis_process.start()  # empty: the task was never enqueued
+    start_role("worker", queues="high_priority", concurrency=1)
+    start_role("beat")
+    wait_for(_all_settled(1), 30, "the sweeper to deliver it")
+    assert smtp_sink.copies() == {"patient@example.com": 1}

@@ -109,3 +109,34 @@ def worker(env: dict[str, str], queues: str, concurrency: int = 2, name: str = "
 def beat(env: dict[str, str], schedule_file: Path) -> Role:
     argv = celery(env, "beat", "-s", str(schedule_file), "-l", "info")
     return Role("beat", argv, env, ready="beat: Starting")
+
+
+class RedisServer:
+    """A private redis-server that a test may stop and start again on the same port."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        OUTPUT_DIR.mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(OUTPUT_DIR)],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_until(self._pings, 10, what="redis-server to answer")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def _pings(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=1).ping())
+        except redis.ConnectionError:
+            return False

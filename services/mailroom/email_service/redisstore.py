@@ -22,7 +22,9 @@ FAILED_TOTAL = "email_failed_total"
 RETRY_COUNTS = "email_retry_counts"
 BULK_PAUSE = "bulk_email_pause"
 
-DISPATCH_TOKEN_TTL = 7 * 24 * 3600
+# A queued batch waiting longer than this is re-enqueued by the sweeper (claims make
+# the extra task harmless); it also bounds the life of a token orphaned by an outage.
+DISPATCH_TOKEN_TTL = 24 * 3600
 _OFF_VALUES = {b"0", b"", b"false", b"False", b"no", b"off"}
 
 

@@ -228,9 +228,12 @@ def enqueue(queue: str, ids: Sequence[uuid.UUID], token: str, countdown: float =
     A broker outage here loses nothing: the rows are committed and the sweeper will
     enqueue them once Redis is back, so the caller is not failed for it.
     """
+    # The token goes first: a task that runs (and finishes) before the token is written
+    # would otherwise leave a live token behind for rows it never delivered.
     ttl = redisstore.DISPATCH_TOKEN_TTL if not countdown else int(countdown) + 120
+    key = redisstore.dispatch_key(token)
     try:
-        redisstore.client().set(redisstore.dispatch_key(token), len(ids), ex=ttl)
+        redisstore.client().set(key, len(ids), ex=ttl)
         current_app.send_task(
             DELIVER_TASKS[Queue(queue)],
             args=[[str(i) for i in ids], token],
@@ -238,6 +241,7 @@ def enqueue(queue: str, ids: Sequence[uuid.UUID], token: str, countdown: float =
         )
     except (redis.RedisError, BrokerError, OSError):
         logger.warning("broker unavailable; %d message(s) left for the sweeper", len(ids))
+        _forget_token(token)
 
 
 def suppressed_addresses(addresses: Iterable[str]) -> set[str]:
