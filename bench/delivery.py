@@ -454,10 +454,18 @@ def median_ratio(runs: list[Run]) -> float:
     return statistics.median(r.ratio for r in runs)
 
 
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine_facts(processes: int) -> dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "system": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "processes": processes,
@@ -480,7 +488,13 @@ def report(runs: list[Run], facts: dict[str, Any]) -> str:
         f"{facts['mailroom_message_bytes']} bytes. Mailroom time includes enqueueing "
         f"(median {enqueue_seconds:.2f}s in .delay() calls, overlapping delivery).",
     ]
+    if len(runs) > 1:
+        lines.append("Median rows: median seconds; their ratio is the median of the runs' ratios.")
     return "\n".join(lines)
+
+
+def phase_json(phase: Phase) -> dict[str, Any]:
+    return asdict(phase) | {"rate": phase.rate}
 
 
 def as_json(runs: list[Run], facts: dict[str, Any]) -> dict[str, Any]:
@@ -488,8 +502,7 @@ def as_json(runs: list[Run], facts: dict[str, Any]) -> dict[str, Any]:
         "bench": "delivery",
         "machine": facts,
         "runs": [
-            {"raw": asdict(r.raw) | {"rate": r.raw.rate}}
-            | {"mailroom": asdict(r.mailroom) | {"rate": r.mailroom.rate}, "ratio": r.ratio}
+            {"raw": phase_json(r.raw), "mailroom": phase_json(r.mailroom), "ratio": r.ratio}
             for r in runs
         ],
         "median_ratio": median_ratio(runs),
@@ -521,13 +534,21 @@ def measure(args: argparse.Namespace, logs: Path) -> tuple[list[Run], dict[str, 
         ensure_database(env)
         setup_django(env)
         worker = start_worker(stack, env, logs, args.processes)
-        runs = []
-        for _ in range(args.repeat):
-            raw = run_raw(port, sink, args.emails, args.processes)
-            mailroom = run_mailroom(sink, worker, args.emails, args.timeout)
-            runs.append(Run(raw, mailroom))
-            check(runs[-1])
+        runs = [run_once(n, args, sink, port, worker) for n in range(args.repeat)]
         return runs, machine_facts(args.processes)
+
+
+def run_once(number: int, args: argparse.Namespace, sink: Child, port: int, worker: Child) -> Run:
+    """Both measures; the order alternates (AB, BA...) so a drifting machine favours neither."""
+    if number % 2:
+        mailroom = run_mailroom(sink, worker, args.emails, args.timeout)
+        raw = run_raw(port, sink, args.emails, args.processes)
+    else:
+        raw = run_raw(port, sink, args.emails, args.processes)
+        mailroom = run_mailroom(sink, worker, args.emails, args.timeout)
+    run = Run(raw, mailroom)
+    check(run)
+    return run
 
 
 def stop_on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -86,7 +87,8 @@ Run Mailroom's roles as local processes, against local Redis and PostgreSQL:
 
 The database is created if missing and `manage.py migrate` runs first."""
 
-# honcho's palette: cyan, yellow, green, magenta, red, blue, then the bright ones.
+# The roles' colours (honcho's palette): cyan, yellow, green, magenta, red, blue, then the
+# bright ones. The supervisor's own lines are bold.
 COLOURS = ("36", "33", "32", "35", "31", "34", "1;36", "1;33", "1;32", "1;35", "1;31", "1;34")
 
 
@@ -183,8 +185,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
 
 
 def environment(caller: Mapping[str, str], smtp_port: int) -> dict[str, str]:
-    """The roles' environment: the dev defaults, overridden by the caller's environment."""
-    return {**DEV_DEFAULTS, "EMAIL_PORT": str(smtp_port), **caller}
+    """The roles' environment: the dev defaults, overridden by the caller's environment.
+
+    An empty FLOWER_BASIC_AUTH is dropped: Flower reads that variable itself, and an
+    empty one would lock everybody out instead of turning authentication off.
+    """
+    env = {**DEV_DEFAULTS, "EMAIL_PORT": str(smtp_port), **caller}
+    if not env["FLOWER_BASIC_AUTH"]:
+        del env["FLOWER_BASIC_AUTH"]
+    return env
 
 
 # --------------------------------------------------------------------------------------
@@ -222,8 +231,9 @@ def commands(opts: Options, env: Mapping[str, str]) -> dict[str, list[str]]:
 
 
 def _describe(argv: Sequence[str]) -> str:
+    """The command as printed: ``python`` for this interpreter, Flower's password masked."""
     shown = ["python", *argv[1:]] if argv and argv[0] == sys.executable else list(argv)
-    return shlex.join(shown)
+    return shlex.join(re.sub(r"^(--basic-auth=[^:]*:).*", r"\1***", arg) for arg in shown)
 
 
 # --------------------------------------------------------------------------------------
@@ -241,11 +251,12 @@ class Printer:
     """Writes whole lines from many threads, each behind a padded, coloured prefix."""
 
     def __init__(self, names: Iterable[str], stream: TextIO, colour: bool) -> None:
-        names = ["system", *names]
-        width = max(len(name) for name in names)
+        labels = ["system", *names]
+        colours = ["1", *(COLOURS[i % len(COLOURS)] for i in range(len(labels) - 1))]
+        width = max(len(label) for label in labels)
         self._prefixes = {
-            name: self._paint(name.ljust(width) + " |", COLOURS[i % len(COLOURS)], colour)
-            for i, name in enumerate(names)
+            label: self._paint(label.ljust(width) + " |", code, colour)
+            for label, code in zip(labels, colours, strict=True)
         }
         self._stream = stream
         self._lock = threading.Lock()
@@ -255,12 +266,13 @@ class Printer:
         return f"\033[{colour}m{text}\033[0m" if enabled else text
 
     def line(self, name: str, text: str) -> None:
-        record = f"{time.strftime('%H:%M:%S')} {self._prefixes[name]} {text}\n"
+        head = f"{time.strftime('%H:%M:%S')} {self._prefixes[name]} "
+        record = "".join(f"{head}{part}\n" for part in text.splitlines() or [""])
         with self._lock:
             try:
                 self._stream.write(record)
                 self._stream.flush()
-            except (BrokenPipeError, ValueError):
+            except (OSError, ValueError):
                 pass  # Nobody is reading any more; keep stopping the roles regardless.
 
     def system(self, text: str) -> None:
@@ -341,9 +353,12 @@ class Role:
 
 
 def _exit_status(code: int) -> str:
-    if code < 0:
+    if code >= 0:
+        return f"status {code}"
+    try:
         return f"signal {signal.Signals(-code).name}"
-    return f"status {code}"
+    except ValueError:
+        return f"signal {-code}"
 
 
 class Supervisor:
@@ -369,6 +384,8 @@ class Supervisor:
 
     def run_once(self, role: Role) -> int:
         """Run one role to completion (``migrate``); a stop request interrupts it."""
+        if self.requested:
+            return 0
         self.roles = [role]
         role.start()
         while role.alive() and not self.requested:
@@ -453,7 +470,7 @@ def prepare_database(env: Mapping[str, str], supervisor: Supervisor) -> int:
     try:
         created = ensure_database(url)
     except psycopg.Error as exc:
-        supervisor.printer.system(f"cannot prepare the database at {url}: {exc}")
+        supervisor.printer.system(f"cannot prepare the database of DATABASE_URL: {exc}")
         return 1
     if created:
         supervisor.printer.system(f"created database {created}")
@@ -484,7 +501,7 @@ def _banner(opts: Options, env: Mapping[str, str], printer: Printer) -> None:
     user = env.get("FLOWER_BASIC_AUTH", "").partition(":")[0]
     urls = {
         "web": f"http://127.0.0.1:{opts.port}/  (/healthz, /readyz, /admin/)",
-        "flower": f"http://127.0.0.1:{opts.flower_port}/  (user {user or '-'})",
+        "flower": f"http://127.0.0.1:{opts.flower_port}/  ({f'user {user}' if user else 'open'})",
         "smtp": f"smtp://127.0.0.1:{opts.smtp_port}  (messages are printed, never delivered)",
     }
     for role, url in urls.items():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,10 +29,10 @@ def redis_process() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def redis_server(redis_process: RedisServer) -> Iterator[redis.Redis]:
+def redis_server(redis_process: RedisServer) -> redis.Redis:
     if redis_process.proc is None or redis_process.proc.poll() is not None:
         redis_process.start()  # a previous test stopped it
-    yield redis.Redis(port=REDIS_PORT)
+    return redis.Redis(port=REDIS_PORT)
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -32,6 +33,12 @@ from tests.support.processes import APP_DIR, OUTPUT_DIR, REPO, wait_until
 SUBJECT = "Hello from make dev"
 RECIPIENT = "dev@example.com"
 FLOWER_AUTH = "devtest:not-a-real-secret"
+# What each Celery role prints once it is up.
+READY = {
+    "worker-high": r"high@\S+ ready\.",
+    "worker-bulk": r"bulk@\S+ ready\.",
+    "beat": r"beat: Starting",
+}
 SEND_EMAIL = (
     "from email_service.services import send_email; "
     f"send_email(to={RECIPIENT!r}, subject={SUBJECT!r}, template='welcome')"
@@ -139,8 +146,9 @@ def _database_url(name: str) -> str:
 
 
 def _drop_database(name: str) -> None:
+    drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
     with psycopg.connect(_database_url("postgres"), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(drop)
 
 
 def _caller_env(database: str) -> dict[str, str]:
@@ -195,6 +203,7 @@ def _kill_everything(run: DevRun) -> None:
 
 @pytest.fixture
 def dev_run(redis_server: object, tmp_path: Path) -> Iterator[DevRun]:
+    """dev.py, started against the private redis-server (which must be up first)."""
     database = f"mailroom_devtest_{os.getpid()}"
     _drop_database(database)  # A leftover of a killed run with the same pid.
     run = _start(database, tmp_path / "state")
@@ -226,6 +235,10 @@ def _http_status(port: int, path: str, auth: str | None = None) -> int | None:
 def _role_lines(output: str, role: str) -> list[str]:
     lines = (line.partition(" | ") for line in output.splitlines())
     return [text for prefix, _, text in lines if prefix.split()[-1:] == [role]]
+
+
+def _printed(run: DevRun, role: str, pattern: str) -> bool:
+    return any(re.search(pattern, line) for line in _role_lines(run.output(), role))
 
 
 def _sink_printed_the_message(output: str) -> bool:
@@ -271,6 +284,8 @@ def test_make_dev_runs_every_role_delivers_to_the_sink_and_stops_cleanly(
     _send_email(run)
     run.wait_for(lambda: _sink_printed_the_message(run.output()), 30, "the sink to print it")
 
+    for role, pattern in READY.items():
+        run.wait_for(partial(_printed, run, role, pattern), 30, f"{role} to be ready")
     run.wait_for(lambda: _http_status(run.flower_port, "/") is not None, 20, "Flower")
     assert _http_status(run.flower_port, "/") == 401
     assert _http_status(run.flower_port, "/", auth=FLOWER_AUTH) == 200
@@ -289,4 +304,7 @@ def test_make_dev_runs_every_role_delivers_to_the_sink_and_stops_cleanly(
         pytest.fail(f"dev.py still running 20 s after SIGINT{run.tail()}")
     assert code == 0, run.tail()
     assert "all roles stopped" in run.output()
-    wait_until(lambda: not _survivors(run.tree, run.groups), 5, what="every child to be gone")
+    with contextlib.suppress(AssertionError):  # Killed processes take a moment to go.
+        wait_until(lambda: not _survivors(run.tree, run.groups), 5)
+    left = _survivors(run.tree, run.groups)
+    assert not left, f"still running after dev.py exited: pids {left}"

@@ -121,8 +121,19 @@ class RedisServer:
     def start(self) -> RedisServer:
         OUTPUT_DIR.mkdir(exist_ok=True)
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(OUTPUT_DIR)],
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(OUTPUT_DIR),
+            ],
             stdout=subprocess.DEVNULL,
         )
         wait_until(self._pings, 10, what="redis-server to answer")
