@@ -7,13 +7,15 @@ UPDATE: a second worker (or a redelivered task) simply gets nothing.
 
 from __future__ import annotations
 
+import select
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db import connection
+from django.db import DatabaseError, connection
+from psycopg import pq
 
 from email_service.models import DeliveryAttempt, Message
 
@@ -60,30 +62,75 @@ def claim(ids: Sequence[uuid.UUID | str], lease_seconds: float) -> list[ClaimedR
     return [rows[i] for i in wanted if i in rows]
 
 
+_RECORD_SQL = f"""
+    WITH m AS (
+        UPDATE {MESSAGE}
+           SET status = $1::varchar, last_smtp_code = $2::int, last_smtp_reply = $3::text,
+               updated_at = now(),
+               next_attempt_at = $4::timestamptz, lease_expires_at = NULL, dispatch_token = '',
+               sent_at = CASE WHEN $1::varchar = 'sent' THEN now() ELSE sent_at END
+         WHERE id = $5::uuid AND status IN ('sending', 'queued', 'deferred')
+     RETURNING id, attempts)
+    INSERT INTO {ATTEMPT} (message_id, attempt, outcome, smtp_code, smtp_reply, created_at)
+    SELECT id, attempts, $1::varchar, $2::int, $3::text, now() FROM m
+"""
+
+
+class PendingWrite:
+    """A statement already sent to Postgres whose result is collected later.
+
+    Postgres runs (and, in autocommit, commits) a statement once it has arrived, whether
+    or not the client waits for the answer. Sending the record of message k and only
+    collecting its result after message k+1 went out over SMTP overlaps the commit with
+    the next send, yet a worker killed at any point leaves k recorded: the bound on
+    duplicates stays one message per worker process.
+    """
+
+    def __init__(self, pgconn: pq.abc.PGconn) -> None:
+        self._pgconn = pgconn
+
+    def wait(self) -> None:
+        pgconn = self._pgconn
+        pgconn.consume_input()
+        while pgconn.is_busy():
+            select.select([pgconn.socket], [], [], 1.0)
+            pgconn.consume_input()
+        error = None
+        while (result := pgconn.get_result()) is not None:
+            if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+                error = (result.error_message or b"").decode("utf-8", "replace")
+        if error:
+            raise DatabaseError(f"recording a delivery failed: {error}")
+
+
 def record(
     message_id: uuid.UUID,
     status: str,
     code: int | None,
     reply: str,
     next_attempt_at: datetime | None = None,
-) -> bool:
-    """Store one attempt's outcome and its DeliveryAttempt row in one statement."""
-    sql = f"""
-        WITH m AS (
-            UPDATE {MESSAGE}
-               SET status = %s, last_smtp_code = %s, last_smtp_reply = %s, updated_at = now(),
-                   next_attempt_at = %s, lease_expires_at = NULL, dispatch_token = '',
-                   sent_at = CASE WHEN %s = 'sent' THEN now() ELSE sent_at END
-             WHERE id = %s AND status IN ('sending', 'queued', 'deferred')
-         RETURNING id, attempts)
-        INSERT INTO {ATTEMPT} (message_id, attempt, outcome, smtp_code, smtp_reply, created_at)
-        SELECT id, attempts, %s, %s, %s, now() FROM m
+) -> PendingWrite:
+    """Send one attempt's outcome and its DeliveryAttempt row as one statement.
+
+    Returns at once; call ``wait()`` on the result before using the connection again.
     """
-    reply = reply[:2000]
-    params = [status, code, reply, next_attempt_at, status, message_id, status, code, reply]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return cursor.rowcount == 1
+    params = [
+        status,
+        None if code is None else str(code),
+        reply[:2000].replace("\x00", ""),
+        None if next_attempt_at is None else next_attempt_at.isoformat(),
+        str(message_id),
+    ]
+    connection.ensure_connection()
+    raw = connection.connection
+    if raw is None or not connection.get_autocommit():
+        # Inside a transaction the record would not be durable before commit.
+        raise RuntimeError("delivery records are written in autocommit mode only")
+    pgconn = raw.pgconn
+    pgconn.send_query_params(
+        _RECORD_SQL.encode(), [None if p is None else p.encode() for p in params]
+    )
+    return PendingWrite(pgconn)
 
 
 def release(ids: Sequence[uuid.UUID], next_attempt_at: datetime | None = None) -> int:

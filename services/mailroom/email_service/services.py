@@ -27,7 +27,7 @@ import redis
 from celery import current_app
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
@@ -205,6 +205,9 @@ def _accept(
                 dispatched_at=now,
                 message_id_header=_message_id(message_uuid, request.from_email),
                 idempotency_key=key,
+                # Explicit values: a database default costs bulk_create an expression per row.
+                created_at=now,
+                updated_at=now,
             )
         )
     with transaction.atomic():
@@ -353,37 +356,97 @@ def _deliver_claimed(rows: list[outbox.ClaimedRow]) -> BatchReport:
     report = BatchReport()
     if not rows:
         return report
-    rows = _drop_suppressed(rows, report)
-    transport = SMTPTransport.from_settings()
-    prepared = PreparedCache()
-    lease = settings.MAILROOM_LEASE_SECONDS
-    renew_at = time.monotonic() + lease / 3
-    network_failures = 0
-    try:
-        for index, row in enumerate(rows):
-            remaining = [r.id for r in rows[index:]]
+    return _BatchRun(_drop_suppressed(rows, report), report).run()
+
+
+class _BatchRun:
+    """One task's claimed rows, sent in order over one SMTP connection."""
+
+    def __init__(self, rows: list[outbox.ClaimedRow], report: BatchReport) -> None:
+        self.rows = rows
+        self.report = report
+        self.transport = SMTPTransport.from_settings()
+        self.prepared = PreparedCache()
+        self.lease = settings.MAILROOM_LEASE_SECONDS
+        self.renew_at = time.monotonic() + self.lease / 3
+        self.pending: outbox.PendingWrite | None = None
+
+    def run(self) -> BatchReport:
+        try:
+            self._loop()
+            self._settle()
+        except SoftTimeLimitExceeded:
+            self._settle()
+            unsent = [r.id for r in self.rows if r.id not in self.report.done]
+            released = outbox.release(unsent)
+            self.report.released += released
+            logger.warning("time limit reached: %d message(s) handed back", released)
+            _redispatch_now(self.rows[0].queue, unsent)
+        finally:
+            self.transport.close()
+            self._settle(discard=True)
+        return self.report
+
+    def _loop(self) -> None:
+        network_failures = 0
+        for index, row in enumerate(self.rows):
+            remaining = [r.id for r in self.rows[index:]]
             if network_failures >= RELAY_DOWN_AFTER:
-                _defer_untried(remaining, row.attempts, report)
-                break
-            if time.monotonic() > renew_at:
-                outbox.renew(remaining, lease)
-                renew_at = time.monotonic() + lease / 3
-            result = _send_one(transport, prepared, row)
+                self._settle()
+                _defer_untried(remaining, row.attempts, self.report)
+                return
+            if time.monotonic() > self.renew_at:
+                self._settle()
+                outbox.renew(remaining, self.lease)
+                self.renew_at = time.monotonic() + self.lease / 3
+            result = _send_one(self.transport, self.prepared, row)
+            self._settle()  # the previous record committed while this message was sent
             network_failures = network_failures + 1 if result.code is None else 0
-            paused = _record(row, result, report)
-            if paused and index + 1 < len(rows):
-                report.released += outbox.release(remaining[1:])
+            if self._record(row, result) and index + 1 < len(self.rows):
+                self._settle()
+                self.report.released += outbox.release(remaining[1:])
                 logger.info("bulk paused: %d message(s) left queued", len(remaining) - 1)
-                break
-    except SoftTimeLimitExceeded:
-        unsent = [r.id for r in rows if r.id not in report.done]
-        released = outbox.release(unsent)
-        report.released += released
-        logger.warning("time limit reached: %d message(s) handed back", released)
-        _redispatch_now(rows[0].queue, unsent)
-    finally:
-        transport.close()
-    return report
+                return
+
+    def _settle(self, *, discard: bool = False) -> None:
+        """Collect the outstanding record; the connection is unusable until then."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        try:
+            pending.wait()
+        except Exception:
+            if not discard:
+                raise
+            logger.exception("could not confirm the last delivery record")
+            connection.close()
+
+    def _record(self, row: outbox.ClaimedRow, result: SendResult) -> bool:
+        """Store the outcome of one try; return whether bulk is now paused."""
+        report = self.report
+        next_attempt_at = None
+        if result.ok:
+            status, outcome = Message.Status.SENT, Outcome.SENT
+            report.sent += 1
+        elif result.permanent or row.attempts > settings.MAILROOM_MAX_RETRIES:
+            status, outcome = Message.Status.FAILED, Outcome.FAILED
+            report.failed += 1
+        else:
+            status, outcome = Message.Status.DEFERRED, Outcome.RETRIED
+            next_attempt_at = timezone.now() + timedelta(seconds=retry_delay(row.attempts))
+            report.deferred += 1
+            report.retries.append((row.id, next_attempt_at))
+        self.pending = outbox.record(row.id, status, result.code, result.reply, next_attempt_at)
+        report.done.add(row.id)
+        bulk = row.queue == Queue.BULK
+        # This Redis round trip overlaps the Postgres commit of the record above.
+        raw = redisstore.record_outcome(row.queue, outcome, row.to_email, read_pause=bulk)
+        if result.bad_mailbox:
+            self._settle()
+            suppress(row.to_email, Suppression.Reason.HARD_BOUNCE, f"{result.code} {result.reply}")
+        if bulk and raw is None:
+            self._settle()  # the pause mirror is missing: Postgres decides
+        return bulk and _pause_state(raw)
 
 
 def _drop_suppressed(rows: list[outbox.ClaimedRow], report: BatchReport) -> list[outbox.ClaimedRow]:
@@ -412,29 +475,6 @@ def _send_one(
         return SendResult(code=554, reply=f"5.6.0 Mailroom could not render the message: {exc}")
     envelope_from = parseaddr(row.from_email)[1]
     return transport.send(envelope_from, row.to_email, data)
-
-
-def _record(row: outbox.ClaimedRow, result: SendResult, report: BatchReport) -> bool:
-    """Store the outcome of one try; return whether bulk is now paused."""
-    next_attempt_at = None
-    if result.ok:
-        status, outcome = Message.Status.SENT, Outcome.SENT
-        report.sent += 1
-    elif result.permanent or row.attempts > settings.MAILROOM_MAX_RETRIES:
-        status, outcome = Message.Status.FAILED, Outcome.FAILED
-        report.failed += 1
-    else:
-        status, outcome = Message.Status.DEFERRED, Outcome.RETRIED
-        next_attempt_at = timezone.now() + timedelta(seconds=retry_delay(row.attempts))
-        report.deferred += 1
-        report.retries.append((row.id, next_attempt_at))
-    outbox.record(row.id, status, result.code, result.reply, next_attempt_at)
-    report.done.add(row.id)
-    if result.bad_mailbox:
-        suppress(row.to_email, Suppression.Reason.HARD_BOUNCE, f"{result.code} {result.reply}")
-    bulk = row.queue == Queue.BULK
-    raw = redisstore.record_outcome(row.queue, outcome, row.to_email, read_pause=bulk)
-    return bulk and _pause_state(raw)
 
 
 def _defer_untried(ids: list[uuid.UUID], attempts: int, report: BatchReport) -> None:
