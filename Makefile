@@ -28,8 +28,8 @@ $(VENV)/.synced: $(APP)/pyproject.toml $(APP)/uv.lock | $(UV)
 setup: $(VENV)/.synced ## Create .venv and install the locked dependencies
 
 lint: setup ## ruff check, ruff format --check and mypy
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check --no-cache .
+	$(BIN)/ruff format --check --no-cache .
 	SECRET_KEY=mypy $(BIN)/mypy
 
 typecheck: setup ## mypy only
