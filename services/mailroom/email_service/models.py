@@ -5,7 +5,8 @@ from __future__ import annotations
 import uuid
 
 from django.db import models
-from django.db.models.functions import Now
+from django.db.models import F
+from django.db.models.functions import Lower, Now
 
 
 class Queue(models.TextChoices):
@@ -14,8 +15,11 @@ class Queue(models.TextChoices):
 
 
 class Campaign(models.Model):
+    """A bulk send: one template and subject, many recipients with their own context."""
+
     class Status(models.TextChoices):
         DRAFT = "draft"
+        SCHEDULED = "scheduled"
         SENDING = "sending"
         PAUSED = "paused"
         COMPLETED = "completed"
@@ -23,12 +27,45 @@ class Campaign(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=200)
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.SENDING)
+    # A Django template string, rendered per recipient with that recipient's context.
+    subject = models.CharField(max_length=998, blank=True, default="")
+    template = models.CharField(max_length=200, blank=True, default="")
+    from_email = models.CharField(max_length=320, blank=True, default="")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.DRAFT)
+    send_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    status_reason = models.CharField(max_length=200, blank=True, default="")
     created_at = models.DateTimeField(db_default=Now())
     updated_at = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return self.name
+
+
+class CampaignCount(models.Model):
+    """Live per-status message counts of a campaign, kept by a database trigger.
+
+    Every INSERT or status UPDATE on messages adds to these rows (spread over a few
+    shards so concurrent workers do not queue on one row); reading a campaign's
+    progress sums a handful of rows instead of counting a million messages.
+    """
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="counts")
+    status = models.CharField(max_length=16)
+    shard = models.PositiveSmallIntegerField()
+    count = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["campaign", "status", "shard"], name="campaign_count_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.campaign_id} {self.status}: {self.count}"
 
 
 class Message(models.Model):
@@ -46,7 +83,7 @@ class Message(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     queue = models.CharField(max_length=16, choices=Queue.choices, default=Queue.HIGH_PRIORITY)
     campaign = models.ForeignKey(
-        Campaign, null=True, blank=True, on_delete=models.PROTECT, related_name="messages"
+        Campaign, null=True, blank=True, on_delete=models.CASCADE, related_name="messages"
     )
     from_email = models.CharField(max_length=320)
     to_email = models.CharField(max_length=320)
@@ -62,6 +99,8 @@ class Message(models.Model):
     dispatched_at = models.DateTimeField(null=True, blank=True)
     last_smtp_code = models.PositiveSmallIntegerField(null=True, blank=True)
     last_smtp_reply = models.TextField(blank=True, default="")
+    # Why a message ended without a send: "expired", "cancelled", "unsubscribed", ...
+    status_reason = models.CharField(max_length=200, blank=True, default="")
     message_id_header = models.CharField(max_length=998)
     idempotency_key = models.CharField(max_length=200, null=True, blank=True, unique=True)
     created_at = models.DateTimeField(db_default=Now())
@@ -79,6 +118,15 @@ class Message(models.Model):
             models.Index(fields=["campaign", "status"], name="msg_campaign_status_idx"),
             models.Index(fields=["to_email"], name="msg_to_idx"),
             models.Index(fields=["-created_at"], name="msg_created_idx"),
+        ]
+        constraints = [
+            # One message per address per campaign: re-uploading a list adds no copies.
+            models.UniqueConstraint(
+                F("campaign"),
+                Lower("to_email"),
+                name="msg_campaign_address_unique",
+                condition=models.Q(campaign__isnull=False),
+            )
         ]
 
     def __str__(self) -> str:
