@@ -183,3 +183,14 @@ class ControlFlag(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}={self.enabled}"
+
+
+class RuntimeSetting(models.Model):
+    """Operator settings changed at run time (rate limits); Redis holds a fast mirror."""
+
+    name = models.CharField(max_length=64, primary_key=True)
+    value = models.JSONField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.value}"

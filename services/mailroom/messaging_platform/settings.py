@@ -126,6 +126,44 @@ MAILROOM_SWEEP_INTERVAL_SECONDS = env_float("MAILROOM_SWEEP_INTERVAL_SECONDS", 3
 MAILROOM_STALE_QUEUED_SECONDS = env_float("MAILROOM_STALE_QUEUED_SECONDS", 60.0, minimum=0.0)
 MAILROOM_MESSAGE_ID_DOMAIN = env_str("MAILROOM_MESSAGE_ID_DOMAIN", "")
 
+# --- Campaigns ------------------------------------------------------------------------
+# Public base URL of the web role, for links in email (unsubscribe).
+MAILROOM_PUBLIC_URL = env_str("MAILROOM_PUBLIC_URL", "http://localhost:8000").rstrip("/")
+# Optional mailto for List-Unsubscribe, e.g. unsubscribe@example.com.
+MAILROOM_UNSUBSCRIBE_MAILTO = env_str("MAILROOM_UNSUBSCRIBE_MAILTO", "")
+# Bulk batches waiting in the bulk queue; the dispatcher never enqueues beyond this.
+MAILROOM_DISPATCH_WINDOW = env_int("MAILROOM_DISPATCH_WINDOW", 40, minimum=1)
+MAILROOM_DISPATCH_INTERVAL_SECONDS = env_float(
+    "MAILROOM_DISPATCH_INTERVAL_SECONDS", 2.0, minimum=0.1
+)
+MAILROOM_INGEST_MAX_ERRORS = env_int("MAILROOM_INGEST_MAX_ERRORS", 1000, minimum=1)
+
+# --- Global rate limit (token buckets in Redis, shared by every worker) ------------------
+# Total sends the relay allows; 0 means no limit. Bulk gets what transactional does not
+# reserve; transactional mail is never held back.
+MAILROOM_RATE_LIMIT_PER_SECOND = env_float("MAILROOM_RATE_LIMIT_PER_SECOND", 0.0, minimum=0.0)
+MAILROOM_RATE_LIMIT_PER_HOUR = env_int("MAILROOM_RATE_LIMIT_PER_HOUR", 0, minimum=0)
+MAILROOM_RATE_LIMIT_PER_DAY = env_int("MAILROOM_RATE_LIMIT_PER_DAY", 0, minimum=0)
+MAILROOM_RATE_RESERVED_TRANSACTIONAL = env_float(
+    "MAILROOM_RATE_RESERVED_TRANSACTIONAL", 0.1, minimum=0.0
+)
+if MAILROOM_RATE_RESERVED_TRANSACTIONAL >= 1:
+    raise ImproperlyConfigured(
+        "MAILROOM_RATE_RESERVED_TRANSACTIONAL is a share of the limit and must be below 1, "
+        f"got {MAILROOM_RATE_RESERVED_TRANSACTIONAL}"
+    )
+# After a throttling reply (421/450/451/452/454) the bulk rate is lowered for this long.
+MAILROOM_THROTTLE_COOLDOWN_SECONDS = env_float(
+    "MAILROOM_THROTTLE_COOLDOWN_SECONDS", 60.0, minimum=0.1
+)
+# A bulk batch waits at most this long for a token before handing its rest back.
+MAILROOM_RATE_MAX_WAIT_SECONDS = env_float("MAILROOM_RATE_MAX_WAIT_SECONDS", 0.25, minimum=0.0)
+
+# --- DKIM (optional: all three set to sign) -----------------------------------------------
+MAILROOM_DKIM_DOMAIN = env_str("MAILROOM_DKIM_DOMAIN", "")
+MAILROOM_DKIM_SELECTOR = env_str("MAILROOM_DKIM_SELECTOR", "")
+MAILROOM_DKIM_PRIVATE_KEY = env_secret("MAILROOM_DKIM_PRIVATE_KEY", "")
+
 # --- Celery -----------------------------------------------------------------------------
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 300, minimum=1)
@@ -173,6 +211,11 @@ CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BEAT_SCHEDULE = {
+    "dispatch-campaigns": {
+        "task": "email_service.dispatch_campaigns",
+        "schedule": MAILROOM_DISPATCH_INTERVAL_SECONDS,
+        "options": {"expires": MAILROOM_DISPATCH_INTERVAL_SECONDS},
+    },
     "sweep-outbox": {
         "task": "email_service.sweep",
         "schedule": MAILROOM_SWEEP_INTERVAL_SECONDS,
