@@ -6,7 +6,7 @@ import uuid
 
 from django.db import models
 from django.db.models import F
-from django.db.models.functions import Lower, Now
+from django.db.models.functions import Lower, Now, Upper
 
 
 class Queue(models.TextChoices):
@@ -116,7 +116,14 @@ class Message(models.Model):
                 condition=models.Q(status__in=["queued", "sending", "deferred"]),
             ),
             models.Index(fields=["campaign", "status"], name="msg_campaign_status_idx"),
-            models.Index(fields=["to_email"], name="msg_to_idx"),
+            # The dispatcher's feed: a campaign's rows not yet handed to any task.
+            models.Index(
+                fields=["campaign"],
+                name="msg_undispatched_idx",
+                condition=models.Q(status="queued", dispatch_token="", dispatched_at__isnull=True),
+            ),
+            # Address look-ups are case-insensitive (iexact compiles to UPPER()).
+            models.Index(Upper("to_email"), name="msg_to_upper_idx"),
             models.Index(fields=["-created_at"], name="msg_created_idx"),
         ]
         constraints = [

@@ -17,11 +17,13 @@ from typing import Any
 from django.db import DatabaseError, connection
 from psycopg import pq
 
-from email_service.models import DeliveryAttempt, Message
+from email_service.models import CampaignCount, DeliveryAttempt, Message, Suppression
 
 MESSAGE = Message._meta.db_table
 ATTEMPT = DeliveryAttempt._meta.db_table
 CAMPAIGN = Message._meta.get_field("campaign").related_model._meta.db_table  # type: ignore[union-attr]
+COUNTS = CampaignCount._meta.db_table
+SUPPRESSION = Suppression._meta.db_table
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class ClaimedRow:
     context: dict[str, Any]
     message_id_header: str
     attempts: int
+    campaign_id: uuid.UUID | None
 
 
 def _uuids(ids: Sequence[uuid.UUID | str]) -> list[uuid.UUID]:
@@ -53,7 +56,7 @@ def claim(ids: Sequence[uuid.UUID | str], lease_seconds: float) -> list[ClaimedR
            AND (m.campaign_id IS NULL OR EXISTS (
                 SELECT 1 FROM {CAMPAIGN} c WHERE c.id = m.campaign_id AND c.status = 'sending'))
      RETURNING m.id, m.queue, m.from_email, m.to_email, m.subject, m.template, m.context,
-               m.message_id_header, m.attempts
+               m.message_id_header, m.attempts, m.campaign_id
     """
     wanted = _uuids(ids)
     with connection.cursor() as cursor:
@@ -134,15 +137,24 @@ def record(
 
 
 def release(ids: Sequence[uuid.UUID], next_attempt_at: datetime | None = None) -> int:
-    """Give back claimed rows that were not attempted (pause, time limit, relay down)."""
+    """Give back claimed rows that were not attempted (pause, time limit, relay down).
+
+    Rows of a campaign go back to the campaign's dispatcher (undispatched), or are
+    cancelled if their campaign was cancelled meanwhile.
+    """
     if not ids:
         return 0
     status = "deferred" if next_attempt_at else "queued"
     sql = f"""
-        UPDATE {MESSAGE}
-           SET status = %s, attempts = GREATEST(attempts - 1, 0), lease_expires_at = NULL,
-               next_attempt_at = %s, dispatch_token = '', updated_at = now()
-         WHERE id = ANY(%s) AND status = 'sending'
+        UPDATE {MESSAGE} AS m
+           SET status = CASE WHEN c.status = 'cancelled' THEN 'cancelled' ELSE %s END,
+               status_reason = CASE WHEN c.status = 'cancelled' THEN c.status_reason
+                                    ELSE m.status_reason END,
+               attempts = GREATEST(m.attempts - 1, 0), lease_expires_at = NULL,
+               next_attempt_at = %s, dispatch_token = '', updated_at = now(),
+               dispatched_at = CASE WHEN m.campaign_id IS NULL THEN m.dispatched_at END
+          FROM {MESSAGE} AS m2 LEFT JOIN {CAMPAIGN} AS c ON c.id = m2.campaign_id
+         WHERE m2.id = m.id AND m.id = ANY(%s) AND m.status = 'sending'
     """
     with connection.cursor() as cursor:
         cursor.execute(sql, [status, next_attempt_at, list(ids)])
@@ -224,6 +236,7 @@ def orphan_candidates(
                       OR m.dispatched_at < now() - make_interval(secs => %s)))
              OR (m.status = 'deferred' AND m.next_attempt_at <= now()))
            AND (%s OR m.queue <> 'bulk')
+           AND (m.campaign_id IS NULL OR m.dispatched_at IS NOT NULL)
            AND (m.campaign_id IS NULL OR EXISTS (
                 SELECT 1 FROM {CAMPAIGN} c WHERE c.id = m.campaign_id AND c.status = 'sending'))
          ORDER BY m.dispatched_at NULLS FIRST
@@ -244,3 +257,62 @@ def retoken(ids: Sequence[uuid.UUID], dead_tokens: Sequence[str], token: str) ->
     with connection.cursor() as cursor:
         cursor.execute(sql, [token, list(ids), list(dead_tokens)])
         return [row[0] for row in cursor.fetchall()]
+
+
+def take_undispatched(campaign_id: uuid.UUID, limit: int, token: str) -> list[uuid.UUID]:
+    """Hand up to ``limit`` of a campaign's waiting rows to a new task (concurrent
+    dispatchers skip each other's rows)."""
+    sql = f"""
+        UPDATE {MESSAGE} SET dispatch_token = %s, dispatched_at = now()
+         WHERE id IN (SELECT id FROM {MESSAGE}
+                       WHERE campaign_id = %s AND status = 'queued'
+                         AND dispatch_token = '' AND dispatched_at IS NULL
+                       LIMIT %s FOR UPDATE SKIP LOCKED)
+     RETURNING id
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [token, campaign_id, limit])
+        return [row[0] for row in cursor.fetchall()]
+
+
+def cancel_unsent(campaign_id: uuid.UUID, reason: str) -> int:
+    """Every message of the campaign that is not sent and not being sent ends cancelled."""
+    sql = f"""
+        UPDATE {MESSAGE}
+           SET status = 'cancelled', status_reason = %s, dispatch_token = '',
+               lease_expires_at = NULL, updated_at = now()
+         WHERE campaign_id = %s AND status IN ('queued', 'deferred')
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [reason, campaign_id])
+        return cursor.rowcount
+
+
+def requeue_failed(campaign_id: uuid.UUID, code: int | None, reply_class: str | None) -> int:
+    """Failed messages go back to the dispatcher with a fresh retry budget; never
+    suppressed addresses. ``reply_class`` is "4xx", "5xx" or "network"."""
+    sql = f"""
+        UPDATE {MESSAGE} m
+           SET status = 'queued', attempts = 0, next_attempt_at = NULL, dispatch_token = '',
+               dispatched_at = NULL, lease_expires_at = NULL, status_reason = 'replayed',
+               updated_at = now()
+         WHERE m.campaign_id = %s AND m.status = 'failed'
+           AND (%s::int IS NULL OR m.last_smtp_code = %s::int)
+           AND (%s::text IS NULL
+                OR (%s = 'network' AND m.last_smtp_code IS NULL)
+                OR (m.last_smtp_code / 100)::text || 'xx' = %s)
+           AND NOT EXISTS (SELECT 1 FROM {SUPPRESSION} s WHERE s.address = lower(m.to_email))
+    """
+    params = [campaign_id, code, code, reply_class, reply_class, reply_class]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
+
+
+def campaign_counts(campaign_id: uuid.UUID) -> dict[str, int]:
+    sql = f"""
+        SELECT status, sum(count) FROM {COUNTS} WHERE campaign_id = %s GROUP BY status
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [campaign_id])
+        return {status: int(total) for status, total in cursor.fetchall() if total}

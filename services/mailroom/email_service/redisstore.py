@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import redis
 from django.conf import settings
@@ -25,6 +26,9 @@ BULK_PAUSE = "bulk_email_pause"
 # A queued batch waiting longer than this is re-enqueued by the sweeper (claims make
 # the extra task harmless); it also bounds the life of a token orphaned by an outage.
 DISPATCH_TOKEN_TTL = 24 * 3600
+# Time-bucketed counters for live rates and charts: 10 s buckets kept for an hour.
+SERIES_BUCKET_SECONDS = 10
+SERIES_TTL_SECONDS = 3600
 _OFF_VALUES = {b"0", b"", b"false", b"False", b"no", b"off"}
 
 
@@ -58,11 +62,32 @@ class Outcome:
     SUPPRESSED = "suppressed"
 
 
-def record_outcome(queue: str, outcome: str, address: str, *, read_pause: bool) -> bytes | None:
-    """Count one delivery outcome; in the same round trip, read the bulk pause mirror.
+def campaign_state_key(campaign_id: object) -> str:
+    return f"mailroom:campaign:{campaign_id}:state"
 
-    Returns the raw pause value when ``read_pause`` (None if missing or unreadable).
-    Counting must never stop delivery, so Redis errors are logged and swallowed.
+
+def series_key(name: str, bucket: int) -> str:
+    return f"mailroom:series:{name}:{bucket}"
+
+
+def bucket_of(now: float) -> int:
+    return int(now // SERIES_BUCKET_SECONDS)
+
+
+def record_outcome(
+    queue: str,
+    outcome: str,
+    address: str,
+    *,
+    campaign_id: object = None,
+    read: tuple[str, ...] = (),
+) -> list[bytes | None] | None:
+    """Count one delivery outcome; in the same round trip, read the keys in ``read``.
+
+    Besides the totals it adds to time-bucketed series (per queue, and per campaign)
+    that give live rates without scanning anything. Returns the values read, or None
+    when Redis did not answer: counting must never stop delivery, so Redis errors are
+    logged and swallowed, and the caller falls back to Postgres for what it read.
     """
     pipe = client().pipeline(transaction=False)
     if outcome == Outcome.SENT:
@@ -74,14 +99,33 @@ def record_outcome(queue: str, outcome: str, address: str, *, read_pause: bool) 
     elif outcome == Outcome.RETRIED:
         pipe.hincrby(RETRY_COUNTS, address, 1)
     pipe.incr(queue_key(f"{outcome}_total", queue))
-    if read_pause:
-        pipe.get(BULK_PAUSE)
+    bucket = bucket_of(time.time())
+    names = [f"{outcome}:{queue}"]
+    if campaign_id is not None:
+        names.append(f"campaign:{campaign_id}:{outcome}")
+    for name in names:
+        pipe.incr(series_key(name, bucket))
+        pipe.expire(series_key(name, bucket), SERIES_TTL_SECONDS)
+    for key in read:
+        pipe.get(key)
     try:
         results = pipe.execute()
     except redis.RedisError:
         logger.warning("could not record %s outcome in Redis", outcome, exc_info=True)
         return None
-    return results[-1] if read_pause else None
+    return list(results[len(results) - len(read) :]) if read else []
+
+
+def series_sum(name: str, seconds: float, now: float | None = None) -> int:
+    """The total of a time-bucketed series over the last ``seconds``."""
+    last = bucket_of(time.time() if now is None else now)
+    first = last - max(int(seconds // SERIES_BUCKET_SECONDS), 1) + 1
+    keys = [series_key(name, b) for b in range(first, last + 1)]
+    try:
+        values = client().mget(keys)
+    except redis.RedisError:
+        return 0
+    return sum(int(v) for v in values if v)
 
 
 def count(queue: str, outcome: str, amount: int = 1) -> None:

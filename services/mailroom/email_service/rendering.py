@@ -7,6 +7,7 @@ adds only the per-recipient headers (To, Message-ID, Date) for each send.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from email.utils import formatdate
 from typing import Any
 
 from django.core.mail import EmailMultiAlternatives
-from django.template import TemplateDoesNotExist
+from django.template import Context, Template, TemplateDoesNotExist
 from django.template.loader import get_template
 from inscriptis import get_text
 
@@ -41,9 +42,27 @@ def render(template: str, subject: str, context: dict[str, Any]) -> RenderedEmai
 
 
 class PreparedMessage:
-    """The MIME body and shared headers of one rendered email, serialised once."""
+    """The MIME body and shared headers of one rendered email, serialised once.
 
-    def __init__(self, from_email: str, rendered: RenderedEmail) -> None:
+    ``placeholders`` are strings rendered into the body in place of per-recipient values
+    (the unsubscribe link); ``for_recipient`` swaps them in the serialised bytes, which is
+    safe because Django sends ordinary text as 8bit, unencoded. When a body had to be
+    encoded (very long lines), the swap is done before serialising instead.
+    """
+
+    def __init__(
+        self, from_email: str, rendered: RenderedEmail, placeholders: tuple[str, ...] = ()
+    ) -> None:
+        self.from_email = from_email
+        self.rendered = rendered
+        self._shared = self._serialise(from_email, rendered)
+        self._swappable = all(
+            self._shared.count(p.encode()) == rendered.html.count(p) + rendered.text.count(p)
+            for p in placeholders
+        )
+
+    @staticmethod
+    def _serialise(from_email: str, rendered: RenderedEmail) -> bytes:
         email = EmailMultiAlternatives(
             subject=rendered.subject,
             body=rendered.text,
@@ -55,14 +74,44 @@ class PreparedMessage:
         mime = email.message()
         del mime["Message-ID"]
         del mime["Date"]
-        self._shared = mime.as_bytes(linesep="\r\n")
+        return mime.as_bytes(linesep="\r\n")
 
     def for_recipient(
-        self, to: str, message_id: str, extra_headers: tuple[tuple[str, str], ...] = ()
+        self,
+        to: str,
+        message_id: str,
+        extra_headers: tuple[tuple[str, str], ...] = (),
+        substitutions: tuple[tuple[str, str], ...] = (),
     ) -> bytes:
         lines = [f"To: {to}", f"Message-ID: {message_id}", f"Date: {formatdate(usegmt=True)}"]
         lines.extend(f"{name}: {value}" for name, value in extra_headers)
-        return ("\r\n".join(lines) + "\r\n").encode("ascii") + self._shared
+        return ("\r\n".join(lines) + "\r\n").encode("ascii") + self._body(substitutions)
+
+    def _body(self, substitutions: tuple[tuple[str, str], ...]) -> bytes:
+        if not substitutions:
+            return self._shared
+        if self._swappable:
+            body = self._shared
+            for placeholder, value in substitutions:
+                body = body.replace(placeholder.encode(), value.encode())
+            return body
+        html, text = self.rendered.html, self.rendered.text
+        for placeholder, value in substitutions:
+            html, text = html.replace(placeholder, value), text.replace(placeholder, value)
+        return self._serialise(self.from_email, RenderedEmail(self.rendered.subject, html, text))
+
+
+def render_subject(subject: str, context: dict[str, Any]) -> str:
+    """A campaign's subject is a template too; the result is one clean header line."""
+    if "{" not in subject:
+        return subject
+    rendered = _subject_template(subject).render(Context(context, autoescape=False))
+    return " ".join(rendered.split())[:998]
+
+
+@functools.lru_cache(maxsize=256)
+def _subject_template(subject: str) -> Template:
+    return Template(subject)
 
 
 class PreparedCache:
@@ -73,12 +122,18 @@ class PreparedCache:
         self._items: OrderedDict[str, PreparedMessage] = OrderedDict()
 
     def get(
-        self, from_email: str, subject: str, template: str, context: dict[str, Any]
+        self,
+        from_email: str,
+        subject: str,
+        template: str,
+        context: dict[str, Any],
+        placeholders: tuple[str, ...] = (),
     ) -> PreparedMessage:
         key = json.dumps([from_email, subject, template, context], sort_keys=True)
         prepared = self._items.get(key)
         if prepared is None:
-            prepared = PreparedMessage(from_email, render(template, subject, context))
+            rendered = render(template, subject, context)
+            prepared = PreparedMessage(from_email, rendered, placeholders)
             self._items[key] = prepared
             if len(self._items) > self._size:
                 self._items.popitem(last=False)

@@ -17,11 +17,11 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import parseaddr
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import redis
 from celery import current_app
@@ -31,11 +31,12 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
-from email_service import outbox, redisstore
+from email_service import dkim_signing, ingest, outbox, ratelimit, redisstore
+from email_service import unsubscribe as unsubscribe_links
 from email_service.exceptions import InvalidEmailRequest
 from email_service.models import Campaign, ControlFlag, Message, Queue, Suppression
 from email_service.redisstore import Outcome
-from email_service.rendering import PreparedCache, render
+from email_service.rendering import PreparedCache, render, render_subject
 from email_service.smtp import SendResult, SMTPTransport
 from email_service.validation import (
     check_context,
@@ -177,7 +178,7 @@ def _accept(
     idempotency_keys: Sequence[str | None],
 ) -> list[Message]:
     """Write the rows in one transaction; enqueue their delivery after it commits."""
-    suppressed = suppressed_addresses(addresses)
+    suppressed = suppressed_addresses(addresses, request.queue)
     batch_size = settings.MAILROOM_BATCH_SIZE
     now = timezone.now()
     rows = []
@@ -247,9 +248,17 @@ def enqueue(queue: str, ids: Sequence[uuid.UUID], token: str, countdown: float =
         _forget_token(token)
 
 
-def suppressed_addresses(addresses: Iterable[str]) -> set[str]:
+def suppressed_addresses(addresses: Iterable[str], queue: str = Queue.BULK) -> set[str]:
+    """The addresses that must not get mail on ``queue``.
+
+    An unsubscribe stops bulk mail only: a password reset still reaches the person who
+    left the newsletter. Hard bounces, complaints and manual entries stop everything.
+    """
     lowered = [a.lower() for a in addresses]
-    return set(Suppression.objects.filter(address__in=lowered).values_list("address", flat=True))
+    blocked = Suppression.objects.filter(address__in=lowered)
+    if queue != Queue.BULK:
+        blocked = blocked.exclude(reason=Suppression.Reason.UNSUBSCRIBE)
+    return set(blocked.values_list("address", flat=True))
 
 
 def suppress(address: str, reason: str, detail: str = "") -> None:
@@ -370,6 +379,23 @@ class _BatchRun:
         self.lease = settings.MAILROOM_LEASE_SECONDS
         self.renew_at = time.monotonic() + self.lease / 3
         self.pending: outbox.PendingWrite | None = None
+        dkim_signing.is_configured()  # a bad key fails the task loudly, not each message
+        limits = ratelimit.limits()
+        self.limited = bool(limits.per_second or limits.per_hour or limits.per_day)
+
+    def _take_token(self, row: outbox.ClaimedRow, remaining: list[uuid.UUID]) -> bool:
+        """Wait a moment for the global rate limit, or hand the rest of the batch back."""
+        waited = 0.0
+        while (wait := ratelimit.acquire(row.queue)) > 0:
+            if waited + wait > settings.MAILROOM_RATE_MAX_WAIT_SECONDS:
+                self._settle()
+                next_attempt_at = timezone.now() + timedelta(seconds=wait)
+                self.report.released += outbox.release(remaining, next_attempt_at)
+                self.report.retries.extend((i, next_attempt_at) for i in remaining)
+                return False
+            time.sleep(wait)
+            waited += wait
+        return True
 
     def run(self) -> BatchReport:
         try:
@@ -399,6 +425,8 @@ class _BatchRun:
                 self._settle()
                 outbox.renew(remaining, self.lease)
                 self.renew_at = time.monotonic() + self.lease / 3
+            if self.limited and not self._take_token(row, remaining):
+                return
             result = _send_one(self.transport, self.prepared, row)
             self._settle()  # the previous record committed while this message was sent
             network_failures = network_failures + 1 if result.code is None else 0
@@ -422,7 +450,8 @@ class _BatchRun:
             connection.close()
 
     def _record(self, row: outbox.ClaimedRow, result: SendResult) -> bool:
-        """Store the outcome of one try; return whether bulk is now paused."""
+        """Store the outcome of one try; return whether the batch must stop (paused,
+        cancelled) before its next message."""
         report = self.report
         next_attempt_at = None
         if result.ok:
@@ -438,20 +467,43 @@ class _BatchRun:
             report.retries.append((row.id, next_attempt_at))
         self.pending = outbox.record(row.id, status, result.code, result.reply, next_attempt_at)
         report.done.add(row.id)
-        bulk = row.queue == Queue.BULK
+        if result.throttled:
+            ratelimit.note_throttle()
         # This Redis round trip overlaps the Postgres commit of the record above.
-        raw = redisstore.record_outcome(row.queue, outcome, row.to_email, read_pause=bulk)
+        read = _stop_keys(row)
+        values = redisstore.record_outcome(
+            row.queue, outcome, row.to_email, campaign_id=row.campaign_id, read=read
+        )
         if result.bad_mailbox:
             self._settle()
             suppress(row.to_email, Suppression.Reason.HARD_BOUNCE, f"{result.code} {result.reply}")
-        if bulk and raw is None:
-            self._settle()  # the pause mirror is missing: Postgres decides
-        return bulk and _pause_state(raw)
+        if values is None or None in values:
+            self._settle()  # a mirror is missing (Redis flushed or down): Postgres decides
+        return _must_stop(row, values)
+
+
+def _stop_keys(row: outbox.ClaimedRow) -> tuple[str, ...]:
+    if row.queue != Queue.BULK:
+        return ()
+    if row.campaign_id is None:
+        return (redisstore.BULK_PAUSE,)
+    return (redisstore.BULK_PAUSE, redisstore.campaign_state_key(row.campaign_id))
+
+
+def _must_stop(row: outbox.ClaimedRow, values: list[bytes | None] | None) -> bool:
+    if row.queue != Queue.BULK:
+        return False
+    values = values or [None, None]
+    if _pause_state(values[0]):
+        return True
+    if row.campaign_id is None:
+        return False
+    return campaign_state(row.campaign_id, values[1]) != Campaign.Status.SENDING
 
 
 def _drop_suppressed(rows: list[outbox.ClaimedRow], report: BatchReport) -> list[outbox.ClaimedRow]:
     """The suppression list is checked again just before sending: it may have grown."""
-    blocked = suppressed_addresses(r.to_email for r in rows)
+    blocked = suppressed_addresses((r.to_email for r in rows), rows[0].queue)
     if not blocked:
         return rows
     stopped = [r for r in rows if r.to_email.lower() in blocked]
@@ -461,20 +513,39 @@ def _drop_suppressed(rows: list[outbox.ClaimedRow], report: BatchReport) -> list
     return [r for r in rows if r.to_email.lower() not in blocked]
 
 
+UNSUBSCRIBE_PLACEHOLDER = "mailroom-unsubscribe-url-placeholder"
+
+
 def _send_one(
     transport: SMTPTransport, prepared: PreparedCache, row: outbox.ClaimedRow
 ) -> SendResult:
-    context = json.loads(row.context) if isinstance(row.context, str) else row.context
     try:
-        data = prepared.get(row.from_email, row.subject, row.template, context).for_recipient(
-            row.to_email, row.message_id_header
-        )
+        data = _message_bytes(prepared, row)
     except Exception as exc:
         # The template changed or vanished since the request was accepted.
         logger.exception("cannot render message %s", row.id)
         return SendResult(code=554, reply=f"5.6.0 Mailroom could not render the message: {exc}")
     envelope_from = parseaddr(row.from_email)[1]
     return transport.send(envelope_from, row.to_email, data)
+
+
+def _message_bytes(prepared: PreparedCache, row: outbox.ClaimedRow) -> bytes:
+    """The exact bytes for one recipient: rendered once per distinct context, with the
+    per-recipient headers, the unsubscribe link for bulk mail, and a DKIM signature."""
+    context = json.loads(row.context) if isinstance(row.context, str) else dict(row.context)
+    subject = render_subject(row.subject, context) if row.campaign_id else row.subject
+    headers: tuple[tuple[str, str], ...] = ()
+    substitutions: tuple[tuple[str, str], ...] = ()
+    placeholders: tuple[str, ...] = ()
+    if row.queue == Queue.BULK:
+        headers = unsubscribe_links.list_unsubscribe_headers(row.to_email)
+        url = unsubscribe_links.unsubscribe_url(row.to_email)
+        substitutions = ((UNSUBSCRIBE_PLACEHOLDER, url),)
+        placeholders = (UNSUBSCRIBE_PLACEHOLDER,)
+        context["unsubscribe_url"] = UNSUBSCRIBE_PLACEHOLDER
+    message = prepared.get(row.from_email, subject, row.template, context, placeholders)
+    data = message.for_recipient(row.to_email, row.message_id_header, headers, substitutions)
+    return dkim_signing.sign(data)
 
 
 def _defer_untried(ids: list[uuid.UUID], attempts: int, report: BatchReport) -> None:
@@ -571,3 +642,232 @@ def redispatch_orphans(stale_seconds: float, limit: int = 50_000) -> int:
                 enqueue(queue, taken, token)
                 count += len(taken)
     return count
+
+
+# --------------------------------------------------------------------------------------
+# Campaigns
+# --------------------------------------------------------------------------------------
+
+
+def create_campaign(
+    *,
+    name: str,
+    subject: str,
+    template: str,
+    from_email: str | None = None,
+    send_at: datetime | None = None,
+    expires_at: datetime | None = None,
+) -> Campaign:
+    """A draft campaign; add recipients, then ``start_campaign``."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidEmailRequest("name", "must not be empty")
+    check_subject(subject)
+    try:
+        render_subject(subject, {})
+    except Exception as exc:
+        raise InvalidEmailRequest("subject", f"is not a valid template: {exc}") from exc
+    if send_at and expires_at and expires_at <= send_at:
+        raise InvalidEmailRequest("expires_at", "must be later than send_at")
+    return Campaign.objects.create(
+        name=name.strip()[:200],
+        subject=subject,
+        template=check_template(template),
+        from_email=normalize_from(from_email or settings.DEFAULT_FROM_EMAIL, "from_email"),
+        send_at=send_at,
+        expires_at=expires_at,
+    )
+
+
+def add_recipients(
+    campaign: Campaign, source: BinaryIO | Iterable[Mapping[str, object]], *, strict: bool = False
+) -> ingest.IngestReport:
+    """Add recipients from a CSV stream or a list of ``{"email", "context"}``."""
+    if campaign.status in (Campaign.Status.COMPLETED, Campaign.Status.CANCELLED):
+        raise InvalidEmailRequest("campaign", f"is {campaign.status}; recipients cannot be added")
+    if hasattr(source, "read"):
+        report = ingest.ingest_csv(campaign, cast(BinaryIO, source), strict=strict)
+    else:
+        report = ingest.ingest_rows(campaign, source, strict=strict)
+    if campaign.status == Campaign.Status.SENDING:
+        kick_dispatcher()
+    return report
+
+
+def start_campaign(campaign: Campaign) -> Campaign:
+    """Draft → sending (or scheduled, when ``send_at`` is in the future)."""
+    if campaign.status != Campaign.Status.DRAFT:
+        raise InvalidEmailRequest(
+            "status", f"only a draft can be started, this one is {campaign.status}"
+        )
+    scheduled = campaign.send_at is not None and campaign.send_at > timezone.now()
+    status = Campaign.Status.SCHEDULED if scheduled else Campaign.Status.SENDING
+    _set_campaign_status(campaign, status, started=not scheduled)
+    kick_dispatcher()
+    return campaign
+
+
+def pause_campaign(campaign: Campaign) -> Campaign:
+    """Stop before the next message; workers are freed, nothing is lost."""
+    if campaign.status not in (Campaign.Status.SENDING, Campaign.Status.SCHEDULED):
+        raise InvalidEmailRequest("status", f"a {campaign.status} campaign cannot be paused")
+    _set_campaign_status(campaign, Campaign.Status.PAUSED)
+    return campaign
+
+
+def resume_campaign(campaign: Campaign) -> Campaign:
+    """Continue exactly where it stopped: every unsent message once."""
+    if campaign.status != Campaign.Status.PAUSED:
+        raise InvalidEmailRequest("status", f"a {campaign.status} campaign cannot be resumed")
+    _set_campaign_status(campaign, Campaign.Status.SENDING, started=campaign.started_at is None)
+    redispatch_orphans(stale_seconds=0)
+    kick_dispatcher()
+    return campaign
+
+
+def cancel_campaign(campaign: Campaign, reason: str = "cancelled") -> int:
+    """End the campaign: nothing more is sent; every unsent message becomes cancelled."""
+    if campaign.status in (Campaign.Status.COMPLETED, Campaign.Status.CANCELLED):
+        raise InvalidEmailRequest("status", f"the campaign is already {campaign.status}")
+    campaign.status_reason = reason
+    _set_campaign_status(campaign, Campaign.Status.CANCELLED, finished=True)
+    return outbox.cancel_unsent(campaign.id, reason)
+
+
+def retry_failed(
+    campaign: Campaign, *, smtp_code: int | None = None, reply_class: str | None = None
+) -> int:
+    """Re-queue the failed recipients (optionally one SMTP code or class), never
+    suppressed ones. A completed campaign goes back to sending."""
+    if reply_class not in (None, "4xx", "5xx", "network"):
+        raise InvalidEmailRequest("reply_class", "must be 4xx, 5xx or network")
+    if campaign.status == Campaign.Status.CANCELLED:
+        raise InvalidEmailRequest("status", "a cancelled campaign cannot be retried")
+    count = outbox.requeue_failed(campaign.id, smtp_code, reply_class)
+    if count and campaign.status == Campaign.Status.COMPLETED:
+        campaign.finished_at = None
+        _set_campaign_status(campaign, Campaign.Status.SENDING)
+    if count:
+        kick_dispatcher()
+    return count
+
+
+def campaign_progress(campaign: Campaign) -> dict[str, Any]:
+    """Counts by status (from the trigger-kept counters), the rate and an ETA."""
+    counts = outbox.campaign_counts(campaign.id)
+    remaining = sum(counts.get(s, 0) for s in ("queued", "sending", "deferred"))
+    sent_last_minute = redisstore.series_sum(f"campaign:{campaign.id}:{Outcome.SENT}", 60)
+    rate = sent_last_minute / 60
+    return {
+        "total": sum(counts.values()),
+        "queued": counts.get("queued", 0) + counts.get("deferred", 0),
+        "sending": counts.get("sending", 0),
+        "sent": counts.get("sent", 0),
+        "failed": counts.get("failed", 0),
+        "suppressed": counts.get("suppressed", 0),
+        "cancelled": counts.get("cancelled", 0),
+        "remaining": remaining,
+        "rate_per_second": round(rate, 2),
+        "eta_seconds": round(remaining / rate) if rate else None,
+    }
+
+
+def campaign_state(campaign_id: uuid.UUID, raw: bytes | None = None) -> str:
+    """A campaign's status as workers see it: the Redis mirror, else Postgres."""
+    if raw is not None:
+        return raw.decode()
+    status = Campaign.objects.filter(id=campaign_id).values_list("status", flat=True).first()
+    status = status or Campaign.Status.CANCELLED
+    try:
+        redisstore.client().set(redisstore.campaign_state_key(campaign_id), status, nx=True)
+    except redis.RedisError:
+        logger.warning("could not restore the state mirror of campaign %s", campaign_id)
+    return status
+
+
+def _set_campaign_status(
+    campaign: Campaign, status: str, *, started: bool = False, finished: bool = False
+) -> None:
+    """Postgres first (the truth), then the Redis mirror that workers read per message."""
+    campaign.status = status
+    now = timezone.now()
+    if started:
+        campaign.started_at = now
+    if finished:
+        campaign.finished_at = now
+    campaign.save()
+    try:
+        redisstore.client().set(redisstore.campaign_state_key(campaign.id), status)
+    except redis.RedisError:
+        # Workers read Postgres when the mirror is missing; a stale mirror must not stay.
+        redisstore.client().delete(redisstore.campaign_state_key(campaign.id))
+
+
+def kick_dispatcher() -> None:
+    """Run the dispatcher now rather than at beat's next tick."""
+    try:
+        current_app.send_task("email_service.dispatch_campaigns")
+    except (redis.RedisError, BrokerError, OSError):
+        logger.warning("broker unavailable; beat will dispatch campaigns")
+
+
+def dispatch_campaigns() -> int:
+    """Feed campaign batches to the bulk queue, never more than the dispatch window.
+
+    Also starts scheduled campaigns that are due, cancels expired ones (what is unsent
+    becomes cancelled with reason "expired") and completes finished ones. Safe to run
+    concurrently. Returns how many messages were dispatched.
+    """
+    now = timezone.now()
+    for campaign in Campaign.objects.filter(
+        status__in=[Campaign.Status.SCHEDULED, Campaign.Status.SENDING, Campaign.Status.PAUSED],
+        expires_at__lte=now,
+    ):
+        cancel_campaign(campaign, reason="expired")
+    for campaign in Campaign.objects.filter(status=Campaign.Status.SCHEDULED, send_at__lte=now):
+        _set_campaign_status(campaign, Campaign.Status.SENDING, started=True)
+    sending = list(Campaign.objects.filter(status=Campaign.Status.SENDING).order_by("started_at"))
+    dispatched = 0 if is_bulk_paused() else _feed(sending)
+    for campaign in sending:
+        _complete_if_done(campaign)
+    return dispatched
+
+
+def _feed(campaigns: list[Campaign]) -> int:
+    """Round-robin over the sending campaigns while the bulk queue has room."""
+    free = settings.MAILROOM_DISPATCH_WINDOW - redisstore.client().llen(Queue.BULK)
+    batch_size = settings.MAILROOM_BATCH_SIZE
+    active = list(campaigns)
+    dispatched = 0
+    while free > 0 and active:
+        for campaign in list(active):
+            token = uuid.uuid4().hex
+            ids = outbox.take_undispatched(campaign.id, batch_size, token)
+            if not ids:
+                active.remove(campaign)
+                continue
+            enqueue(Queue.BULK, ids, token)
+            dispatched += len(ids)
+            free -= 1
+            if free <= 0:
+                break
+    return dispatched
+
+
+def _complete_if_done(campaign: Campaign) -> None:
+    counts = outbox.campaign_counts(campaign.id)
+    if not counts or any(counts.get(s, 0) for s in ("queued", "sending", "deferred")):
+        return
+    if Campaign.objects.filter(id=campaign.id, status=Campaign.Status.SENDING).exists():
+        _set_campaign_status(campaign, Campaign.Status.COMPLETED, finished=True)
+
+
+def unsubscribe(address: str, source: str) -> None:
+    """One-click or page unsubscribe: suppressed at once; queued bulk mail to the address
+    is cancelled. Idempotent."""
+    suppress(address, Suppression.Reason.UNSUBSCRIBE, detail=source)
+    logger.info("unsubscribed %s via %s", unsubscribe_links.mask_address(address), source)
+    Message.objects.filter(
+        to_email__iexact=address, queue=Queue.BULK, status__in=["queued", "deferred"]
+    ).update(
+        status=Message.Status.CANCELLED, status_reason="unsubscribed", updated_at=timezone.now()
+    )

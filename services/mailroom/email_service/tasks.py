@@ -121,9 +121,15 @@ def sweep() -> None:
     services.sweep()
 
 
+@shared_task(name="email_service.dispatch_campaigns")
+def dispatch_campaigns() -> None:
+    services.dispatch_campaigns()
+
+
 __all__ = [
     "deliver_bulk",
     "deliver_high_priority",
+    "dispatch_campaigns",
     "send_bulk_email_batch",
     "send_high_priority_email",
     "sweep",

@@ -1,0 +1,620 @@
+"""Recipients ingestion for campaigns: a CSV stream or a list of ``{email, context}``.
+
+The input is read as a stream and handled in chunks of ``CHUNK_ROWS`` rows, so a file
+of a million rows costs the memory of a few chunks. Each chunk is validated in Python,
+written with ``COPY`` into a temporary staging table, and moved into the outbox with
+one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` that
+
+- collapses duplicates through ``msg_campaign_address_unique`` (campaign, lower(address)):
+  addresses already in the campaign, and repeats within the upload (the first one wins);
+- marks addresses on the suppression list ``suppressed``, so they are never sent to.
+
+The whole ingest is one transaction: an error stores nothing, and so does strict mode
+when any row is invalid (the report then says why, with ``stored=False``). Ingests
+into one campaign are serialised by an advisory lock. Nothing is enqueued: the
+campaign dispatcher hands the new ``queued`` rows to workers.
+
+Addresses go through a fast path for the common ASCII form (a regular expression whose
+result equals email-validator's, checked by a property test) and through
+``validation.normalize_address`` for everything else.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import queue
+import re
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.utils import parseaddr
+from typing import Any, BinaryIO
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+from email_validator import SPECIAL_USE_DOMAIN_NAMES
+from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
+from psycopg import sql
+
+from email_service.exceptions import InvalidEmailRequest
+from email_service.models import Campaign, Message, Queue, Suppression
+from email_service.validation import check_context, normalize_address
+
+CHUNK_ROWS = 10_000
+MESSAGE = Message._meta.db_table
+SUPPRESSION = Suppression._meta.db_table
+EMAIL_COLUMN = "email"
+ROW_KEYS = frozenset({"email", "context"})
+LOCK_CLASS = 0x6D72_6967  # "mrig": the advisory-lock namespace of ingests (per campaign)
+
+# NUL cannot be stored in a text column; lone surrogates are the bytes of a line that
+# is not valid UTF-8 (decoded with "surrogateescape") or broken Python strings.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_BAD_UTF8 = re.compile("[\udc80-\udcff]")
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+class IngestError(InvalidEmailRequest):
+    """The whole upload is unusable (empty, no ``email`` column, not UTF-8...)."""
+
+
+@dataclass
+class RowError:
+    """One refused row: ``line`` is the physical line in the file (the header is line 1),
+    or the 1-based position in a list of recipients."""
+
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.reason}"
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did.
+
+    ``accepted`` new messages are queued and ``suppressed`` new ones are stored as
+    suppressed; ``duplicates`` rows were already in the campaign (or earlier in the
+    upload); ``invalid`` rows were refused, the first MAILROOM_INGEST_MAX_ERRORS of
+    them listed in ``errors``. When ``stored`` is False (strict mode with invalid rows)
+    nothing was kept and the first three counts are 0.
+    """
+
+    accepted: int = 0
+    duplicates: int = 0
+    suppressed: int = 0
+    invalid: int = 0
+    errors: list[RowError] = field(default_factory=list)
+    stored: bool = False
+
+
+# --------------------------------------------------------------------------------------
+# Addresses
+# --------------------------------------------------------------------------------------
+
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_FAST_ADDRESS = re.compile(
+    rf"[ \t]*({_ATOM}(?:\.{_ATOM})*)@((?:{_LABEL}\.)+{_LABEL})[ \t]*", re.ASCII
+)
+_SPECIAL_SUFFIXES = tuple(f".{name}" for name in SPECIAL_USE_DOMAIN_NAMES)
+_CASE_INSENSITIVE = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
+_MAX_ADDRESS = 254
+
+
+def fast_normalize(value: str) -> str | None:
+    """``normalize_address(value)`` for plain ASCII addresses, or None to take the slow
+    path. Conservative: whatever it accepts, email-validator accepts with the same
+    result (a dot-atom local part, LDH labels, a dot, a TLD ending in a letter; no
+    Punycode or other ``--`` labels, no special-use domains)."""
+    match = _FAST_ADDRESS.fullmatch(value)
+    if match is None:
+        return None
+    local, domain = match.groups()
+    if len(local) + len(domain) >= _MAX_ADDRESS or not domain[-1].isalpha() or "--" in domain:
+        return None
+    domain = domain.lower()
+    if f".{domain}".endswith(_SPECIAL_SUFFIXES):
+        return None
+    if local.lower() in _CASE_INSENSITIVE:
+        local = local.lower()  # RFC 2142 role names, as email-validator does
+    return f"{local}@{domain}"
+
+
+def _address(value: object, column: str) -> str:
+    """The normalised address, or InvalidEmailRequest with a reason for the report."""
+    if isinstance(value, str):
+        fast = fast_normalize(value)
+        if fast is not None:
+            return fast
+        if _BAD_UTF8.search(value):
+            raise InvalidEmailRequest(column, f"not valid UTF-8 (column {column!r})")
+    return normalize_address(value, column)
+
+
+# --------------------------------------------------------------------------------------
+# Chunks: what the readers hand to the writer
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Chunk:
+    """Rows on their way to COPY: values in staging column order, the line number last.
+
+    ``prepare`` turns them into CSV text and drops the row objects, keeping the count.
+    """
+
+    rows: list[list[Any]] = field(default_factory=list)
+    errors: list[RowError] = field(default_factory=list)
+    text: str = ""
+    count: int = 0
+
+    def refuse(self, line: int, reason: str) -> None:
+        self.errors.append(RowError(line, reason))
+
+    def prepare(self, names: list[str]) -> _Chunk:
+        """Rows holding what Postgres cannot store (NUL, bytes that were not UTF-8)
+        become errors; the rest becomes ``text``. Errors end up in line order."""
+        text = _csv_text(self.rows)
+        if _UNSTORABLE.search(text) is not None:
+            kept = []
+            for row in self.rows:
+                reason = _unstorable(row, names)
+                if reason:
+                    self.refuse(row[-1], reason)
+                else:
+                    kept.append(row)
+            self.rows = kept
+            self.errors.sort(key=lambda error: error.line)
+            text = _csv_text(kept)
+        self.text, self.count, self.rows = text, len(self.rows), []
+        return self
+
+
+def _csv_text(rows: list[list[Any]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def _unstorable(row: list[Any], names: list[str]) -> str:
+    for name, value in zip(names, row, strict=False):
+        if not isinstance(value, str) or _UNSTORABLE.search(value) is None:
+            continue
+        if _BAD_UTF8.search(value):
+            return f"not valid UTF-8 (column {name!r})"
+        return f"contains a NUL or unpaired surrogate character (column {name!r})"
+    return ""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The staging table's value columns and how a message's context is built from them."""
+
+    names: list[str]  # one per staging column, for error messages
+    email: int  # index of the address column
+    context: sql.Composable  # SQL over the staging alias ``s``
+    context_params: list[Any]
+
+
+# --------------------------------------------------------------------------------------
+# CSV
+# --------------------------------------------------------------------------------------
+
+
+class _Reader:
+    """A source of recipients: its staging layout, and chunks of rows."""
+
+    layout: _Layout
+    rows = 0  # data rows seen, valid or not
+
+    def chunks(self) -> Iterator[_Chunk]:
+        raise NotImplementedError
+
+    def prepared(self) -> Iterator[_Chunk]:
+        """Chunks ready for COPY."""
+        names = self.layout.names
+        return (chunk.prepare(names) for chunk in self.chunks())
+
+
+class _CsvReader(_Reader):
+    """Header checks first (whole-upload errors), then data rows chunk by chunk.
+
+    The bytes are decoded incrementally as UTF-8 (a BOM is skipped) with
+    ``surrogateescape``: a line that is not valid UTF-8 keeps its place and becomes a
+    row error naming its line; a header that is not UTF-8 refuses the upload.
+    """
+
+    def __init__(self, stream: BinaryIO) -> None:
+        if isinstance(stream, io.TextIOBase):
+            raise TypeError("ingest_csv reads bytes: open the file in binary mode")
+        self.text = io.TextIOWrapper(
+            stream,
+            encoding="utf-8-sig",
+            errors="surrogateescape",
+            newline="",
+        )
+        self.reader = csv.reader(self.text)
+        try:
+            self.layout = self._header()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Give the caller's stream back open."""
+        self.text.detach()
+
+    def _header(self) -> _Layout:
+        try:
+            names = next(row for row in self.reader if row)
+        except StopIteration:
+            raise IngestError("csv", "the file is empty") from None
+        except csv.Error as exc:
+            raise IngestError("csv", f"line {self.reader.line_num}: {exc}") from None
+        _check_header_encoding(self.reader.line_num, names)
+        return _csv_layout(names)
+
+    def chunks(self) -> Iterator[_Chunk]:
+        """Data rows in chunks of CHUNK_ROWS; a chunk's errors are in line order."""
+        reader, width, email = self.reader, len(self.layout.names), self.layout.email
+        column = self.layout.names[email]
+        chunk = _Chunk()
+        previous = reader.line_num
+        while True:
+            try:
+                for fields in reader:
+                    line, previous = previous + 1, reader.line_num
+                    if len(fields) != width:
+                        if fields:  # blank lines are skipped
+                            self.rows += 1
+                            chunk.refuse(line, f"expected {width} fields, got {len(fields)}")
+                        continue
+                    self.rows += 1
+                    try:
+                        fields[email] = _address(fields[email], column)
+                    except InvalidEmailRequest as exc:
+                        chunk.refuse(line, exc.message)
+                        continue
+                    row: list[Any] = fields
+                    row.append(line)
+                    chunk.rows.append(row)
+                    if len(chunk.rows) >= CHUNK_ROWS:
+                        yield chunk
+                        chunk = _Chunk()
+                break
+            except csv.Error as exc:  # e.g. a field over csv.field_size_limit()
+                self.rows += 1
+                chunk.refuse(previous + 1, f"cannot read the line: {exc}")
+                previous = reader.line_num
+        yield chunk
+
+
+def _csv_layout(header: list[str]) -> _Layout:
+    """Staging columns c0..cN follow the CSV's; the context is built from all but email."""
+    names = [name.strip() for name in header]
+    email = _email_column(names)
+    columns = [sql.SQL("s.{}").format(sql.Identifier(f"c{i}")) for i in range(len(names))]
+    values = [column for i, column in enumerate(columns) if i != email]
+    if not values:
+        return _Layout(names, email, sql.SQL("'{}'::jsonb"), [])
+    keys = [name for i, name in enumerate(names) if i != email]
+    context = sql.SQL("jsonb_object(%s::text[], ARRAY[{}]::text[])")
+    return _Layout(names, email, context.format(sql.SQL(", ").join(values)), [keys])
+
+
+def _check_header_encoding(line: int, names: list[str]) -> None:
+    header = ",".join(names)
+    if header.startswith(("\udcff\udcfe", "\udcfe\udcff")):
+        raise IngestError("csv", "the file is UTF-16: save it as UTF-8 (CSV UTF-8)")
+    if _BAD_UTF8.search(header):
+        raise IngestError("csv", f"line {line} (the header) is not valid UTF-8: save as UTF-8")
+    if "\x00" in header:
+        raise IngestError("csv", f"line {line} (the header) has NUL bytes: is it UTF-16?")
+
+
+def _email_column(names: list[str]) -> int:
+    """Index of the ``email`` column; every other column must have a unique name."""
+    emails = [i for i, name in enumerate(names) if name.lower() == EMAIL_COLUMN]
+    if not emails:
+        found = ", ".join(repr(name[:40]) for name in names[:20])
+        more = f" and {len(names) - 20} more" if len(names) > 20 else ""
+        raise IngestError("csv", f"no {EMAIL_COLUMN!r} column in the header; found {found}{more}")
+    if len(emails) > 1:
+        raise IngestError("csv", f"the header has {len(emails)} {EMAIL_COLUMN!r} columns")
+    seen: set[str] = set()
+    for position, name in enumerate(names, 1):
+        if not name:
+            raise IngestError("csv", f"column {position} of the header has no name")
+        if name in seen:
+            raise IngestError("csv", f"column {name!r} appears twice in the header")
+        seen.add(name)
+    return emails[0]
+
+
+# --------------------------------------------------------------------------------------
+# Lists of {email, context}
+# --------------------------------------------------------------------------------------
+
+_ROWS_LAYOUT = _Layout(["email", "context"], 0, sql.SQL("s.c1::jsonb"), [])
+
+
+class _RowsReader(_Reader):
+    """``{"email": ..., "context": {...}}`` mappings; ``context`` is optional."""
+
+    layout = _ROWS_LAYOUT
+
+    def __init__(self, rows: Iterable[Mapping[str, object]]) -> None:
+        if isinstance(rows, str | bytes | Mapping):
+            raise IngestError("recipients", "must be a list of {email, context} objects")
+        self.source = rows
+
+    def chunks(self) -> Iterator[_Chunk]:
+        """Recipients in chunks of CHUNK_ROWS."""
+        chunk = _Chunk()
+        for line, row in enumerate(self.source, 1):
+            self.rows += 1
+            try:
+                chunk.rows.append([*_recipient(row), line])
+            except InvalidEmailRequest as exc:
+                chunk.refuse(line, exc.message)
+            if len(chunk.rows) >= CHUNK_ROWS:
+                yield chunk
+                chunk = _Chunk()
+        yield chunk
+
+
+def _recipient(row: object) -> tuple[str, str]:
+    """(address, context as JSON text), or InvalidEmailRequest."""
+    if not isinstance(row, Mapping):
+        raise InvalidEmailRequest("recipients", "must be an object with email and context")
+    unknown = sorted(str(key) for key in row if key not in ROW_KEYS)
+    if unknown:
+        raise InvalidEmailRequest("recipients", f"unknown key(s) {', '.join(unknown)}")
+    address = _address(row.get("email"), "email")
+    try:
+        context = json.dumps(check_context(row.get("context")), allow_nan=False, ensure_ascii=False)
+    except InvalidEmailRequest as exc:
+        raise InvalidEmailRequest("context", f"context {exc.message}") from None
+    if _JSON_NUL.search(context) or _UNSTORABLE.search(context):
+        raise InvalidEmailRequest("context", "context contains a NUL or unpaired surrogate")
+    return address, context
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+
+
+class _Writer:
+    """Staging table + INSERT ... SELECT, on Django's connection inside its transaction."""
+
+    def __init__(self, campaign: Campaign, layout: _Layout) -> None:
+        self.layout = layout
+        self.cursor = connection.connection.cursor()
+        self.staging = sql.Identifier(f"mailroom_ingest_{uuid.uuid4().hex}")
+        columns = [sql.Identifier(f"c{i}") for i in range(len(layout.names))]
+        # Concurrent ingests into one campaign could deadlock on each other's addresses.
+        self.cursor.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [LOCK_CLASS, str(campaign.id)]
+        )
+        self.cursor.execute(
+            sql.SQL("CREATE TEMP TABLE {} ({}, line bigint) ON COMMIT DROP").format(
+                self.staging, sql.SQL(", ").join(sql.SQL("{} text").format(c) for c in columns)
+            )
+        )
+        self.copy_sql = sql.SQL("COPY {} FROM STDIN (FORMAT csv, FORCE_NOT_NULL ({}))").format(
+            self.staging, sql.SQL(", ").join(columns)
+        )
+        self.insert_sql = _insert_sql(self.staging, layout)
+        self.params = [*_constants(campaign, timezone.now()), *layout.context_params]
+        self.used = False
+
+    def store(self, chunk: _Chunk) -> tuple[int, int]:
+        """Write a prepared chunk; return (new messages, new suppressed ones)."""
+        if self.used:
+            self.cursor.execute(sql.SQL("TRUNCATE {}").format(self.staging))
+        self.used = True
+        with self.cursor.copy(self.copy_sql) as copy:
+            copy.write(chunk.text)
+        self.cursor.execute(self.insert_sql, self.params)
+        inserted, suppressed = self.cursor.fetchone()
+        return int(inserted), int(suppressed)
+
+    def close(self) -> None:
+        self.cursor.execute(sql.SQL("DROP TABLE {}").format(self.staging))
+        self.cursor.close()
+
+
+def _constants(campaign: Campaign, now: datetime | None = None) -> list[Any]:
+    """The INSERT's parameters other than the context's, in their order in the SQL."""
+    now = now or timezone.now()
+    return [
+        campaign.id,
+        campaign.from_email,
+        campaign.subject,
+        campaign.template,
+        _message_id_domain(campaign.from_email),
+        now,
+        now,
+    ]
+
+
+def _message_id_domain(from_email: str) -> str:
+    """The domain of Message-ID headers: as ``services._message_id`` chooses it."""
+    domain = settings.MAILROOM_MESSAGE_ID_DOMAIN or parseaddr(from_email)[1].rpartition("@")[2]
+    return str(domain or "mailroom.example.com")
+
+
+def _insert_sql(staging: sql.Identifier, layout: _Layout) -> sql.Composed:
+    """Move the staging rows into the outbox; count what was new and what suppressed.
+
+    The first occurrence of an address wins (ORDER BY line); later ones, and addresses
+    already in the campaign, conflict on msg_campaign_address_unique and are skipped.
+    """
+    return sql.SQL(
+        """
+        WITH new AS (
+            INSERT INTO {message} (
+                id, queue, campaign_id, from_email, to_email, subject, template, context,
+                status, status_reason, attempts, dispatch_token, dispatched_at,
+                last_smtp_reply, message_id_header, idempotency_key, created_at, updated_at)
+            SELECT s.id, {queue}, %s, %s, s.email, %s, %s, s.context,
+                   CASE WHEN s.blocked THEN 'suppressed' ELSE 'queued' END,
+                   CASE WHEN s.blocked THEN 'suppressed' ELSE '' END,
+                   0, '', NULL, '', '<' || replace(s.id::text, '-', '') || '@' || %s || '>',
+                   NULL, %s, %s
+              FROM (SELECT gen_random_uuid() AS id, s.line, {email} AS email,
+                           {context} AS context,
+                           EXISTS (SELECT 1 FROM {suppression} x
+                                    WHERE x.address = lower({email})) AS blocked
+                      FROM {staging} s OFFSET 0) s
+             ORDER BY s.line
+            ON CONFLICT (campaign_id, lower(to_email)) WHERE campaign_id IS NOT NULL
+            DO NOTHING
+            RETURNING status)
+        SELECT count(*), count(*) FILTER (WHERE status = 'suppressed') FROM new
+        """
+    ).format(
+        message=sql.Identifier(MESSAGE),
+        queue=sql.Literal(str(Queue.BULK)),
+        email=sql.SQL("s.{}").format(sql.Identifier(f"c{layout.email}")),
+        context=layout.context,
+        suppression=sql.Identifier(SUPPRESSION),
+        staging=staging,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The entry points
+# --------------------------------------------------------------------------------------
+
+
+def ingest_csv(campaign: Campaign, stream: BinaryIO, *, strict: bool = False) -> IngestReport:
+    """Add the recipients of a CSV file (a header row with an ``email`` column; every
+    other column becomes that recipient's template context, as strings).
+
+    Raises IngestError (field ``csv``) when the upload as a whole is unusable; bad rows
+    are listed in the report and skipped, or, with ``strict``, nothing is stored.
+    """
+    source = _CsvReader(stream)
+    try:
+        return _ingest(campaign, source, _Prefetch(source.prepared()), strict, "csv")
+    finally:
+        source.close()
+
+
+def ingest_rows(
+    campaign: Campaign, rows: Iterable[Mapping[str, object]], *, strict: bool = False
+) -> IngestReport:
+    """Add recipients from ``{"email": ..., "context": {...}}`` mappings (``line`` in
+    the report is the 1-based position). See ``ingest_csv``."""
+    source = _RowsReader(rows)
+    # No thread here: the caller's iterable may read the database, which must happen on
+    # this thread's connection and inside its transaction.
+    return _ingest(campaign, source, _Inline(source.prepared()), strict, "recipients")
+
+
+def _ingest(
+    campaign: Campaign,
+    source: _Reader,
+    chunks: _Prefetch | _Inline,
+    strict: bool,
+    field_name: str,
+) -> IngestReport:
+    """One transaction: every chunk stored, or (error, strict with bad rows) none."""
+    report = IngestReport()
+    try:
+        with transaction.atomic():
+            writer = _Writer(campaign, source.layout)
+            for chunk in chunks:
+                _add_errors(report, chunk.errors)
+                if chunk.count and not (strict and report.invalid):
+                    _add_stored(report, chunk.count, *writer.store(chunk))
+            if not source.rows:
+                raise IngestError(field_name, "no recipients")
+            writer.close()
+            report.stored = not (strict and report.invalid)
+            if not report.stored:
+                transaction.set_rollback(True)
+                report.accepted = report.duplicates = report.suppressed = 0
+    finally:
+        chunks.close()
+    return report
+
+
+def _add_errors(report: IngestReport, errors: list[RowError]) -> None:
+    report.invalid += len(errors)
+    room = settings.MAILROOM_INGEST_MAX_ERRORS - len(report.errors)
+    report.errors.extend(errors[: max(room, 0)])
+
+
+def _add_stored(report: IngestReport, rows: int, inserted: int, suppressed: int) -> None:
+    report.accepted += inserted - suppressed
+    report.suppressed += suppressed
+    report.duplicates += rows - inserted
+
+
+class _Inline:
+    """Chunks prepared on demand, on the ingesting thread."""
+
+    def __init__(self, chunks: Iterator[_Chunk]) -> None:
+        self.chunks = chunks
+
+    def __iter__(self) -> Iterator[_Chunk]:
+        return self.chunks
+
+    def close(self) -> None:
+        """Nothing runs in the background."""
+
+
+class _Prefetch:
+    """Prepares the next chunk in a thread while the database writes this one.
+
+    Reading, validating and formatting a chunk is Python work; moving a chunk into the
+    outbox is Postgres work: overlapped, both stay busy. At most three chunks exist at
+    a time (being prepared, waiting, being written), so memory stays flat. The thread
+    touches no database connection, and it stops when the ingest ends, also on error.
+    """
+
+    def __init__(self, chunks: Iterator[_Chunk]) -> None:
+        self.chunks = chunks
+        self.queue: queue.Queue[_Chunk | BaseException | None] = queue.Queue(maxsize=1)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._produce, name="mailroom-ingest", daemon=True)
+        self.thread.start()
+
+    def __iter__(self) -> Iterator[_Chunk]:
+        while (item := self.queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop the thread (it finishes the chunk in hand) and wait for it."""
+        self.stopped.set()
+        self.thread.join()
+
+    def _produce(self) -> None:
+        try:
+            for chunk in self.chunks:
+                if not self._put(chunk):
+                    return
+            self._put(None)
+        except BaseException as exc:  # handed to the ingesting thread, raised there
+            self._put(exc)
+
+    def _put(self, item: _Chunk | BaseException | None) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
