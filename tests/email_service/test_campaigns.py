@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.utils import timezone
@@ -76,9 +79,7 @@ def test_a_20000_recipient_csv_campaign_gives_everyone_one_email_with_their_own_
         data = by_address[f"csv{i}@example.com"]
         assert f"Subject: Hi Name{i}\r\n".encode() in data
         assert f"Hi Name{i},".encode() in data, "the body greets the recipient by name"
-    wait_for(
-        lambda: Campaign.objects.get(id=campaign.id).status == "completed", 10, "completion"
-    )
+    wait_for(lambda: Campaign.objects.get(id=campaign.id).status == "completed", 10, "completion")
     assert services.campaign_progress(campaign)["sent"] == 20_000
 
 
@@ -259,3 +260,59 @@ def test_421_replies_slow_bulk_down_lose_nothing_and_recover(
     assert len(copies) == 500
     assert max(copies.values()) == 1
     wait_for(lambda: ratelimit.throttle_factor() == 1, 30, "the rate to recover")
+
+
+def test_a_worker_with_a_dkim_key_signs_bulk_mail_that_verifies(
+    start_role: Callable[..., Role], smtp_sink: SMTPSink, tmp_path: Path
+) -> None:
+    import dkim
+
+    key = tmp_path / "dkim.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+    public = subprocess.run(
+        ["openssl", "rsa", "-in", str(key), "-pubout", "-outform", "DER"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    env = {
+        "MAILROOM_DKIM_DOMAIN": "mailroom.example.com",
+        "MAILROOM_DKIM_SELECTOR": "mr1",
+        "MAILROOM_DKIM_PRIVATE_KEY_FILE": str(key),
+    }
+    start_role("worker", queues="bulk,high_priority", concurrency=1, env=env)
+    start_role("beat")
+    campaign = _campaign(2, name="signed")
+    services.start_campaign(campaign)
+    wait_for(_settled(campaign), 30, "the signed campaign")
+
+    def dns(name: bytes, timeout: float = 5) -> bytes:
+        assert name == b"mr1._domainkey.mailroom.example.com."
+        return b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+
+    for received in smtp_sink.received:
+        assert received.data.startswith(b"DKIM-Signature:")
+        assert dkim.verify(received.data, dnsfunc=dns)
+        signed_headers = received.data.split(b"; h=", 1)[1].split(b";", 1)[0].lower()
+        assert b"list-unsubscribe" in signed_headers
+        assert b"list-unsubscribe-post" in signed_headers
+
+
+def test_retry_failed_requeues_only_the_failed_and_never_the_suppressed(
+    bulk_pool: list[Role], smtp_sink: SMTPSink
+) -> None:
+    smtp_sink.refuse_address("replay1@example.com", "554 5.7.1 Rejected by policy")
+    smtp_sink.refuse_address("replay2@example.com", "550 5.1.1 No such user")
+    campaign = _campaign(6, name="replay")
+    services.start_campaign(campaign)
+    wait_for(_settled(campaign), 30, "the first pass")
+    assert services.campaign_progress(campaign)["failed"] == 2
+    smtp_sink.reset()
+
+    requeued = services.retry_failed(campaign)
+
+    assert requeued == 1, "the 5.1.1 bounce is suppressed and stays failed"
+    wait_for(lambda: smtp_sink.copies() == {"replay1@example.com": 1}, 30, "the replay")
+    wait_for(_settled(campaign), 30, "the campaign to settle again")
+    progress = services.campaign_progress(campaign)
+    assert (progress["sent"], progress["failed"]) == (5, 1)
+    assert smtp_sink.copies() == {"replay1@example.com": 1}, "nobody else got a second copy"

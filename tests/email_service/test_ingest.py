@@ -167,6 +167,26 @@ def test_bad_lines_are_reported_by_line_and_the_good_rows_kept(campaign: Campaig
     _assert_counts_match(campaign)
 
 
+def test_broken_csv_quoting_is_reported_not_merged(campaign: Campaign) -> None:
+    report = ingest_csv(
+        campaign,
+        _csv(
+            "email,name",
+            "ann@example.com,Ann",
+            'bob@example.com,"Bob"by',
+            "carl@example.com,Carl",
+            'dora@example.com,"Dora',
+            "eve@example.com,Eve",
+        ),
+    )
+
+    assert sorted(_stored(campaign)) == ["ann@example.com", "carl@example.com"]
+    assert _errors(report) == [
+        (3, "not valid CSV: ',' expected after '\"'"),
+        (5, "not valid CSV: unexpected end of data"),
+    ]
+
+
 def test_strict_mode_keeps_nothing_and_still_reports_every_bad_line(
     campaign: Campaign, monkeypatch: pytest.MonkeyPatch
 ) -> None:

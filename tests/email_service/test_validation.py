@@ -106,3 +106,17 @@ def test_the_same_idempotency_key_returns_the_first_message() -> None:
     again = services.send_email(**GOOD, idempotency_key="signup-42")
     assert again.id == first.id
     assert Message.objects.count() == 1
+
+
+def test_rate_limits_refuse_negative_values_naming_the_field() -> None:
+    with pytest.raises(InvalidEmailRequest, match=r"^per_hour: must be a number"):
+        services.set_rate_limits(per_hour=-5)
+
+
+def test_a_campaign_needs_a_name_a_valid_subject_and_a_known_template() -> None:
+    with pytest.raises(InvalidEmailRequest, match=r"^name: must not be empty"):
+        services.create_campaign(name=" ", subject="Hi", template="newsletter")
+    with pytest.raises(InvalidEmailRequest, match=r"^subject: is not a valid template"):
+        services.create_campaign(name="x", subject="Hi {% if %}", template="newsletter")
+    with pytest.raises(InvalidEmailRequest, match=r"^template: unknown template"):
+        services.create_campaign(name="x", subject="Hi", template="missing")

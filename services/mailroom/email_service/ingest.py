@@ -240,7 +240,8 @@ class _CsvReader(_Reader):
             errors="surrogateescape",
             newline="",
         )
-        self.reader = csv.reader(self.text)
+        # strict: a quote left open or a stray one is an error, not a silently merged row
+        self.reader = csv.reader(self.text, strict=True)
         try:
             self.layout = self._header()
         except BaseException:
@@ -257,7 +258,7 @@ class _CsvReader(_Reader):
         except StopIteration:
             raise IngestError("csv", "the file is empty") from None
         except csv.Error as exc:
-            raise IngestError("csv", f"line {self.reader.line_num}: {exc}") from None
+            raise IngestError("csv", f"line {self.reader.line_num}: not valid CSV: {exc}") from None
         _check_header_encoding(self.reader.line_num, names)
         return _csv_layout(names)
 
@@ -289,9 +290,9 @@ class _CsvReader(_Reader):
                         yield chunk
                         chunk = _Chunk()
                 break
-            except csv.Error as exc:  # e.g. a field over csv.field_size_limit()
+            except csv.Error as exc:  # a quote left open, a field over the size limit...
                 self.rows += 1
-                chunk.refuse(previous + 1, f"cannot read the line: {exc}")
+                chunk.refuse(previous + 1, f"not valid CSV: {exc}")
                 previous = reader.line_num
         yield chunk
 

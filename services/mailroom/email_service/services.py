@@ -385,17 +385,14 @@ class _BatchRun:
 
     def _take_token(self, row: outbox.ClaimedRow, remaining: list[uuid.UUID]) -> bool:
         """Wait a moment for the global rate limit, or hand the rest of the batch back."""
-        waited = 0.0
-        while (wait := ratelimit.acquire(row.queue)) > 0:
-            if waited + wait > settings.MAILROOM_RATE_MAX_WAIT_SECONDS:
-                self._settle()
-                next_attempt_at = timezone.now() + timedelta(seconds=wait)
-                self.report.released += outbox.release(remaining, next_attempt_at)
-                self.report.retries.extend((i, next_attempt_at) for i in remaining)
-                return False
-            time.sleep(wait)
-            waited += wait
-        return True
+        wait = ratelimit.wait_for_tokens(row.queue)
+        if wait <= 0:
+            return True
+        self._settle()
+        next_attempt_at = timezone.now() + timedelta(seconds=wait)
+        self.report.released += outbox.release(remaining, next_attempt_at)
+        self.report.retries.extend((i, next_attempt_at) for i in remaining)
+        return False
 
     def run(self) -> BatchReport:
         try:
@@ -859,6 +856,16 @@ def _complete_if_done(campaign: Campaign) -> None:
         return
     if Campaign.objects.filter(id=campaign.id, status=Campaign.Status.SENDING).exists():
         _set_campaign_status(campaign, Campaign.Status.COMPLETED, finished=True)
+
+
+def set_rate_limits(
+    *, per_second: float | None = None, per_hour: int | None = None, per_day: int | None = None
+) -> ratelimit.Limits:
+    """Change the global limits at run time (0 lifts one); every worker follows at once."""
+    for name, value in (("per_second", per_second), ("per_hour", per_hour), ("per_day", per_day)):
+        if value is not None and (not isinstance(value, int | float) or value < 0):
+            raise InvalidEmailRequest(name, "must be a number, 0 or more")
+    return ratelimit.set_limits(per_second=per_second, per_hour=per_hour, per_day=per_day)
 
 
 def unsubscribe(address: str, source: str) -> None:
