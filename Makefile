@@ -51,6 +51,7 @@ dev: setup ## Run web, both worker pools, beat, Flower and an SMTP sink as local
 
 bench: setup ## Benchmarks: each prints a table of ratios against a baseline from the same run
 	$(BIN)/python bench/delivery.py --repeat 3
+	$(BIN)/python bench/ingest.py --repeat 3
 
 clean: ## Remove the virtualenv, caches and test output
 	rm -rf $(VENV) .tools test-output .mypy_cache .ruff_cache

@@ -31,7 +31,6 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from email.utils import parseaddr
 from typing import Any, BinaryIO
 
 from django.conf import settings
@@ -43,6 +42,7 @@ from psycopg import sql
 
 from email_service.exceptions import InvalidEmailRequest
 from email_service.models import Campaign, Message, Queue, Suppression
+from email_service.rendering import message_id_domain
 from email_service.validation import check_context, normalize_address
 
 CHUNK_ROWS = 10_000
@@ -441,16 +441,10 @@ def _constants(campaign: Campaign, now: datetime | None = None) -> list[Any]:
         campaign.from_email,
         campaign.subject,
         campaign.template,
-        _message_id_domain(campaign.from_email),
+        message_id_domain(campaign.from_email),
         now,
         now,
     ]
-
-
-def _message_id_domain(from_email: str) -> str:
-    """The domain of Message-ID headers: as ``services._message_id`` chooses it."""
-    domain = settings.MAILROOM_MESSAGE_ID_DOMAIN or parseaddr(from_email)[1].rpartition("@")[2]
-    return str(domain or "mailroom.example.com")
 
 
 def _insert_sql(staging: sql.Identifier, layout: _Layout) -> sql.Composed:

@@ -11,9 +11,10 @@ import functools
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
-from email.utils import formatdate
+from email.utils import formatdate, parseaddr
 from typing import Any
 
+from django.conf import settings
 from django.core.mail import EmailMultiAlternatives
 from django.template import Context, Template, TemplateDoesNotExist
 from django.template.loader import get_template
@@ -99,6 +100,13 @@ class PreparedMessage:
         for placeholder, value in substitutions:
             html, text = html.replace(placeholder, value), text.replace(placeholder, value)
         return self._serialise(self.from_email, RenderedEmail(self.rendered.subject, html, text))
+
+
+def message_id_domain(from_email: str) -> str:
+    """The right-hand side of our Message-IDs: configured, else the sender's domain (so
+    receivers see ids on the sending domain, not the container's host name)."""
+    domain = settings.MAILROOM_MESSAGE_ID_DOMAIN or parseaddr(from_email)[1].rpartition("@")[2]
+    return str(domain or "mailroom.example.com")
 
 
 def render_subject(subject: str, context: dict[str, Any]) -> str:

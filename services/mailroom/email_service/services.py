@@ -36,7 +36,7 @@ from email_service import unsubscribe as unsubscribe_links
 from email_service.exceptions import InvalidEmailRequest
 from email_service.models import Campaign, ControlFlag, Message, Queue, Suppression
 from email_service.redisstore import Outcome
-from email_service.rendering import PreparedCache, render, render_subject
+from email_service.rendering import PreparedCache, message_id_domain, render, render_subject
 from email_service.smtp import SendResult, SMTPTransport
 from email_service.validation import (
     check_context,
@@ -167,8 +167,7 @@ def _validated(
 
 
 def _message_id(message_id: uuid.UUID, from_email: str) -> str:
-    domain = settings.MAILROOM_MESSAGE_ID_DOMAIN or parseaddr(from_email)[1].rpartition("@")[2]
-    return f"<{message_id.hex}@{domain or 'mailroom.example.com'}>"
+    return f"<{message_id.hex}@{message_id_domain(from_email)}>"
 
 
 def _accept(
