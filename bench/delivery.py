@@ -587,6 +587,7 @@ def wait_campaign_completed(campaign: Campaign, children: list[Child]) -> None:
 def mailroom_message_size(campaign: bool) -> int:
     """The exact bytes a bulk worker sends to user0 (unsubscribe header and link included)."""
     from django.conf import settings
+    from django.utils import timezone
 
     from email_service import services
     from email_service.models import Queue
@@ -609,6 +610,7 @@ def mailroom_message_size(campaign: bool) -> int:
         message_id_header=f"<{uuid.uuid4().hex}@mailroom.example.com>",
         attempts=1,
         campaign_id=uuid.uuid4() if campaign else None,
+        created_at=timezone.now(),
     )
     return len(services._message_bytes(PreparedCache(), row))
 

@@ -9,8 +9,10 @@ Roles (all started with cwd ``services/mailroom``, each in its own process group
   flower       Flower on 127.0.0.1, basic auth from FLOWER_BASIC_AUTH
   smtp         an SMTP sink (deploy/devsink.py) that prints every message it receives
 
-State (beat's schedule file, gunicorn's control socket) goes to ``.dev/`` at the repo root
-(gitignored; ``--state-dir`` moves it). Before the roles start, the database named by
+State (beat's schedule file, gunicorn's control socket, the web workers' shared
+Prometheus files in ``prometheus-web/``, wiped when gunicorn starts) goes to ``.dev/`` at
+the repo root (gitignored; ``--state-dir`` moves it). gunicorn runs with
+``-c deploy/gunicorn.conf.py``. Before the roles start, the database named by
 DATABASE_URL is created if it is missing and ``manage.py migrate`` runs once
 (``--no-migrate`` skips both).
 
@@ -56,6 +58,7 @@ from psycopg.conninfo import conninfo_to_dict
 REPO = Path(__file__).resolve().parent.parent
 APP_DIR = REPO / "services" / "mailroom"
 SINK = REPO / "deploy" / "devsink.py"
+GUNICORN_CONF = REPO / "deploy" / "gunicorn.conf.py"
 STATE_DIR = REPO / ".dev"
 
 ROLES = ("web", "worker-high", "worker-bulk", "beat", "flower", "smtp")
@@ -196,6 +199,15 @@ def environment(caller: Mapping[str, str], smtp_port: int) -> dict[str, str]:
     return env
 
 
+def role_environment(name: str, opts: Options, env: Mapping[str, str]) -> dict[str, str]:
+    """One role's environment. The web role's gunicorn workers share their Prometheus
+    metrics through files in ``<state-dir>/prometheus-web`` (wiped by
+    deploy/gunicorn.conf.py when gunicorn starts) unless PROMETHEUS_MULTIPROC_DIR is set."""
+    if name != "web":
+        return dict(env)
+    return {"PROMETHEUS_MULTIPROC_DIR": str(opts.state_dir / "prometheus-web"), **env}
+
+
 # --------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------
@@ -216,6 +228,7 @@ def commands(opts: Options, env: Mapping[str, str]) -> dict[str, list[str]]:
     return {
         "web": [
             *(sys.executable, "-m", "gunicorn", "messaging_platform.wsgi:application"),
+            *("-c", str(GUNICORN_CONF)),
             *("--bind", f"127.0.0.1:{opts.port}", "--workers", "2"),
             *("--access-logfile", "-", "--graceful-timeout", "5"),
             *("--control-socket", str(opts.state_dir / "gunicorn.ctl")),
@@ -500,7 +513,7 @@ def _warn_about_mismatches(opts: Options, env: Mapping[str, str], printer: Print
 def _banner(opts: Options, env: Mapping[str, str], printer: Printer) -> None:
     user = env.get("FLOWER_BASIC_AUTH", "").partition(":")[0]
     urls = {
-        "web": f"http://127.0.0.1:{opts.port}/  (/healthz, /readyz, /admin/)",
+        "web": f"http://127.0.0.1:{opts.port}/  (/healthz, /readyz, /metrics, /admin/)",
         "flower": f"http://127.0.0.1:{opts.flower_port}/  ({f'user {user}' if user else 'open'})",
         "smtp": f"smtp://127.0.0.1:{opts.smtp_port}  (messages are printed, never delivered)",
     }
@@ -524,7 +537,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
     argvs = commands(opts, env)
     _banner(opts, env, printer)
-    return supervisor.run([Role(name, argvs[name], env, printer) for name in opts.roles])
+    roles = [
+        Role(name, argvs[name], role_environment(name, opts, env), printer) for name in opts.roles
+    ]
+    return supervisor.run(roles)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import os
 from collections.abc import Callable
 from email.message import EmailMessage
 
@@ -129,7 +130,14 @@ def test_it_retries_451_and_every_recipient_gets_exactly_one_copy(
     assert _status_counts() == {"sent": 350}
     assert DeliveryAttempt.objects.filter(outcome="deferred", smtp_code=451).count() >= 45
     # Delivered addresses leave the retry hash: it stays bounded.
-    assert redisstore.client().hlen(redisstore.RETRY_COUNTS) == 0
+    client = redisstore.client()
+    assert client.hlen(redisstore.RETRY_COUNTS) == 0
+    # Retries are counted by reply class; every delivery lands in the latency histogram.
+    assert int(client.get("mailroom:retried_total:bulk:4xx") or 0) >= 45
+    latency = {os.fsdecode(k): float(v) for k, v in client.hgetall("mailroom:latency:bulk").items()}
+    assert latency["count"] == 350
+    assert sum(v for k, v in latency.items() if k not in ("sum", "count")) == 350
+    assert int(client.get("mailroom:smtp_connections_total:bulk") or 0) >= 7
 
 
 def test_it_does_not_retry_on_550_and_suppresses_the_bad_mailbox(

@@ -151,3 +151,32 @@ class RedisServer:
             return bool(redis.Redis(port=self.port, socket_timeout=1).ping())
         except redis.ConnectionError:
             return False
+
+
+def web(env: dict[str, str], port: int) -> Role:
+    """The web role as deployed: gunicorn with two workers."""
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "messaging_platform.wsgi:application",
+        "-c",
+        str(REPO / "deploy" / "gunicorn.conf.py"),
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        "2",
+        "--access-logfile",
+        "-",
+    ]
+    return Role("web", argv, env, ready="Booting worker")
+
+
+def prometheus(config: Path, data_dir: Path, port: int) -> Role:
+    argv = [
+        "prometheus",
+        f"--config.file={config}",
+        f"--storage.tsdb.path={data_dir}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    return Role("prometheus", argv, dict(os.environ), ready="Server is ready to receive")

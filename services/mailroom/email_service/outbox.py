@@ -38,6 +38,7 @@ class ClaimedRow:
     message_id_header: str
     attempts: int
     campaign_id: uuid.UUID | None
+    created_at: datetime
 
 
 def _uuids(ids: Sequence[uuid.UUID | str]) -> list[uuid.UUID]:
@@ -56,7 +57,7 @@ def claim(ids: Sequence[uuid.UUID | str], lease_seconds: float) -> list[ClaimedR
            AND (m.campaign_id IS NULL OR EXISTS (
                 SELECT 1 FROM {CAMPAIGN} c WHERE c.id = m.campaign_id AND c.status = 'sending'))
      RETURNING m.id, m.queue, m.from_email, m.to_email, m.subject, m.template, m.context,
-               m.message_id_header, m.attempts, m.campaign_id
+               m.message_id_header, m.attempts, m.campaign_id, m.created_at
     """
     wanted = _uuids(ids)
     with connection.cursor() as cursor:

@@ -81,6 +81,8 @@ def record_outcome(
     *,
     campaign_id: object = None,
     read: tuple[str, ...] = (),
+    reply_class: str = "",
+    latency: float | None = None,
 ) -> list[bytes | None] | None:
     """Count one delivery outcome; in the same round trip, read the keys in ``read``.
 
@@ -99,6 +101,10 @@ def record_outcome(
     elif outcome == Outcome.RETRIED:
         pipe.hincrby(RETRY_COUNTS, address, 1)
     pipe.incr(queue_key(f"{outcome}_total", queue))
+    if outcome == Outcome.RETRIED and reply_class:
+        pipe.incr(queue_key(f"{outcome}_total", f"{queue}:{reply_class}"))
+    if latency is not None:
+        _observe_latency(pipe, queue, latency)
     bucket = bucket_of(time.time())
     names = [f"{outcome}:{queue}"]
     if campaign_id is not None:
@@ -114,6 +120,23 @@ def record_outcome(
         logger.warning("could not record %s outcome in Redis", outcome, exc_info=True)
         return None
     return list(results[len(results) - len(read) :]) if read else []
+
+
+def latency_key(queue: str) -> str:
+    return f"mailroom:latency:{queue}"
+
+
+def _observe_latency(pipe: redis.client.Pipeline, queue: str, seconds: float) -> None:
+    """One observation of the delivery-latency histogram, kept in Redis so that every
+    worker process on every host adds to the same buckets (non-cumulative here; the
+    exporter makes them cumulative)."""
+    from email_service.metrics import LATENCY_BUCKETS
+
+    field = next((str(b) for b in LATENCY_BUCKETS if seconds <= b), "+Inf")
+    key = latency_key(queue)
+    pipe.hincrby(key, field, 1)
+    pipe.hincrbyfloat(key, "sum", seconds)
+    pipe.hincrby(key, "count", 1)
 
 
 def series_sum(name: str, seconds: float, now: float | None = None) -> int:

@@ -407,6 +407,10 @@ class _BatchRun:
         finally:
             self.transport.close()
             self._settle(discard=True)
+            if self.transport.connections_opened and self.rows:
+                redisstore.count(
+                    self.rows[0].queue, "smtp_connections", self.transport.connections_opened
+                )
         return self.report
 
     def _loop(self) -> None:
@@ -468,7 +472,13 @@ class _BatchRun:
         # This Redis round trip overlaps the Postgres commit of the record above.
         read = _stop_keys(row)
         values = redisstore.record_outcome(
-            row.queue, outcome, row.to_email, campaign_id=row.campaign_id, read=read
+            row.queue,
+            outcome,
+            row.to_email,
+            campaign_id=row.campaign_id,
+            read=read,
+            reply_class=result.reply_class,
+            latency=(timezone.now() - row.created_at).total_seconds() if result.ok else None,
         )
         if result.bad_mailbox:
             self._settle()

@@ -34,9 +34,12 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "email_service",
+    "django_prometheus",
 ]
 
 MIDDLEWARE = [
+    # django-prometheus: Before first, After last (its documentation), to time everything.
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -44,6 +47,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "messaging_platform.urls"
@@ -98,6 +102,21 @@ LOGGING = {
 
 # --- Redis: the broker, the counters and the pause switch -------------------------------
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+# --- Metrics ----------------------------------------------------------------------------
+# GET /metrics (email_service.metrics_views). With a token set, scrapes must send
+# "Authorization: Bearer <token>"; empty (the default) leaves it open: then bind the web
+# role to an internal network only, or block /metrics at the proxy.
+MAILROOM_METRICS_TOKEN = env_secret("MAILROOM_METRICS_TOKEN", "")
+# PROMETHEUS_MULTIPROC_DIR (read by prometheus_client from the environment, before any
+# import of it) switches the web role's process metrics to multiprocess mode, for
+# gunicorn's several workers; deploy/gunicorn.conf.py sets and wipes it at start.
+_multiproc_dir = env_str("PROMETHEUS_MULTIPROC_DIR", "")
+if _multiproc_dir and not Path(_multiproc_dir).is_dir():
+    raise ImproperlyConfigured(
+        f"PROMETHEUS_MULTIPROC_DIR must be an existing directory, got {_multiproc_dir!r}"
+    )
+# --- end Metrics ------------------------------------------------------------------------
 
 # --- SMTP (Django's names) ------------------------------------------------------------
 EMAIL_HOST = env_str("EMAIL_HOST", "localhost")

@@ -1,11 +1,12 @@
 from django.contrib import admin
 from django.urls import path
 
-from email_service import health, unsubscribe_views
+from email_service import health, metrics_views, unsubscribe_views
 
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
+    path("metrics", metrics_views.metrics, name="metrics"),
     path("u/<str:token>", unsubscribe_views.unsubscribe, name="unsubscribe"),
     path("admin/", admin.site.urls),
 ]
