@@ -46,7 +46,7 @@ test: setup ## Lint, then every test (needs Redis and PostgreSQL on localhost)
 test-fast: setup ## Tests only, stop at the first failure
 	$(BIN)/pytest -x $(PYTEST_ARGS)
 
-dev: setup ## Run web, both worker pools, beat, Flower and an SMTP sink as local processes
+dev: setup ## Run web, both worker pools, beat, Flower, an SMTP sink and celery-exporter locally
 	$(BIN)/python deploy/dev.py
 
 bench: setup ## Benchmarks: each prints a table of ratios against a baseline from the same run

@@ -8,6 +8,10 @@ Roles (all started with cwd ``services/mailroom``, each in its own process group
   beat         celery beat
   flower       Flower on 127.0.0.1, basic auth from FLOWER_BASIC_AUTH
   smtp         an SMTP sink (deploy/devsink.py) that prints every message it receives
+  celery-exporter
+               celery-exporter (deploy/celery_exporter.sh) on 127.0.0.1: task-level metrics
+               and the ``high_priority``/``bulk`` queue lengths; installed into its own
+               virtualenv, ``.tools/celery-exporter``, on first use
 
 State (beat's schedule file, gunicorn's control socket, the web workers' shared
 Prometheus files in ``prometheus-web/``, wiped when gunicorn starts) goes to ``.dev/`` at
@@ -58,10 +62,11 @@ from psycopg.conninfo import conninfo_to_dict
 REPO = Path(__file__).resolve().parent.parent
 APP_DIR = REPO / "services" / "mailroom"
 SINK = REPO / "deploy" / "devsink.py"
+CELERY_EXPORTER = REPO / "deploy" / "celery_exporter.sh"
 GUNICORN_CONF = REPO / "deploy" / "gunicorn.conf.py"
 STATE_DIR = REPO / ".dev"
 
-ROLES = ("web", "worker-high", "worker-bulk", "beat", "flower", "smtp")
+ROLES = ("web", "worker-high", "worker-bulk", "beat", "flower", "smtp", "celery-exporter")
 DATABASE_ROLES = {"web", "worker-high", "worker-bulk"}
 STOP_TIMEOUT = 10.0
 POLL_SECONDS = 0.1
@@ -87,6 +92,9 @@ Run Mailroom's roles as local processes, against local Redis and PostgreSQL:
   beat         celery beat, schedule file in --state-dir
   flower       Flower on 127.0.0.1 (--flower-port), basic auth from FLOWER_BASIC_AUTH
   smtp         SMTP sink that prints every message it receives (--smtp-port)
+  celery-exporter
+               celery-exporter on 127.0.0.1 (--exporter-port): task metrics and queue
+               lengths; its own virtualenv, .tools/celery-exporter, is made on first use
 
 The database is created if missing and `manage.py migrate` runs first."""
 
@@ -106,6 +114,7 @@ class Options:
     port: int
     flower_port: int
     smtp_port: int
+    exporter_port: int
     migrate: bool
     state_dir: Path
 
@@ -166,6 +175,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         help="SMTP sink port, also the default EMAIL_PORT (default: 1025)",
     )
     parser.add_argument(
+        "--exporter-port",
+        type=_port,
+        default=9808,
+        help="celery-exporter port (default: 9808)",
+    )
+    parser.add_argument(
         "--no-migrate",
         action="store_true",
         help="do not create the database or run `manage.py migrate` first",
@@ -182,6 +197,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         port=ns.port,
         flower_port=ns.flower_port,
         smtp_port=ns.smtp_port,
+        exporter_port=ns.exporter_port,
         migrate=not ns.no_migrate,
         state_dir=ns.state_dir.resolve(),
     )
@@ -202,10 +218,13 @@ def environment(caller: Mapping[str, str], smtp_port: int) -> dict[str, str]:
 def role_environment(name: str, opts: Options, env: Mapping[str, str]) -> dict[str, str]:
     """One role's environment. The web role's gunicorn workers share their Prometheus
     metrics through files in ``<state-dir>/prometheus-web`` (wiped by
-    deploy/gunicorn.conf.py when gunicorn starts) unless PROMETHEUS_MULTIPROC_DIR is set."""
-    if name != "web":
-        return dict(env)
-    return {"PROMETHEUS_MULTIPROC_DIR": str(opts.state_dir / "prometheus-web"), **env}
+    deploy/gunicorn.conf.py when gunicorn starts) unless PROMETHEUS_MULTIPROC_DIR is set.
+    The exporter's script takes its port from CELERY_EXPORTER_PORT: ``--exporter-port``."""
+    if name == "web":
+        return {"PROMETHEUS_MULTIPROC_DIR": str(opts.state_dir / "prometheus-web"), **env}
+    if name == "celery-exporter":
+        return {**env, "CELERY_EXPORTER_PORT": str(opts.exporter_port)}
+    return dict(env)
 
 
 # --------------------------------------------------------------------------------------
@@ -240,6 +259,7 @@ def commands(opts: Options, env: Mapping[str, str]) -> dict[str, list[str]]:
             "flower", f"--port={opts.flower_port}", "--address=127.0.0.1", *_flower_auth(env)
         ),
         "smtp": [sys.executable, str(SINK), "--host", "127.0.0.1", "--port", str(opts.smtp_port)],
+        "celery-exporter": ["bash", str(CELERY_EXPORTER)],
     }
 
 
@@ -516,6 +536,7 @@ def _banner(opts: Options, env: Mapping[str, str], printer: Printer) -> None:
         "web": f"http://127.0.0.1:{opts.port}/  (/healthz, /readyz, /metrics, /admin/)",
         "flower": f"http://127.0.0.1:{opts.flower_port}/  ({f'user {user}' if user else 'open'})",
         "smtp": f"smtp://127.0.0.1:{opts.smtp_port}  (messages are printed, never delivered)",
+        "celery-exporter": f"http://127.0.0.1:{opts.exporter_port}/metrics",
     }
     for role, url in urls.items():
         if role in opts.roles:

@@ -39,6 +39,11 @@ READY = {
     "worker-bulk": r"bulk@\S+ ready\.",
     "beat": r"beat: Starting",
 }
+# celery-exporter's /metrics: some celery_ family, and a queue length for one of our queues.
+CELERY_FAMILY = re.compile(r"^# TYPE celery_\w+ ", re.MULTILINE)
+QUEUE_LENGTH = re.compile(
+    r'^celery_queue_length\{queue_name="(high_priority|bulk)"\} \d', re.MULTILINE
+)
 SEND_EMAIL = (
     "from email_service.services import send_email; "
     f"send_email(to={RECIPIENT!r}, subject={SUBJECT!r}, template='welcome')"
@@ -110,6 +115,7 @@ class DevRun:
     web_port: int
     flower_port: int
     smtp_port: int
+    exporter_port: int
     tree: dict[int, Proc] = field(default_factory=dict)
     groups: set[int] = field(default_factory=set)
 
@@ -166,12 +172,13 @@ def _caller_env(database: str) -> dict[str, str]:
 
 
 def _start(database: str, state_dir: Path) -> DevRun:
-    web, flower, smtp = _free_ports(3)
+    web, flower, smtp, exporter = _free_ports(4)
     env = _caller_env(database)
     OUTPUT_DIR.mkdir(exist_ok=True)
     log = OUTPUT_DIR / "dev.log"
     argv = [sys.executable, str(REPO / "deploy" / "dev.py"), "--port", str(web)]
     argv += ["--flower-port", str(flower), "--smtp-port", str(smtp)]
+    argv += ["--exporter-port", str(exporter)]
     argv += ["--state-dir", str(state_dir)]
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -183,7 +190,7 @@ def _start(database: str, state_dir: Path) -> DevRun:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    return DevRun(proc, log, env, web, flower, smtp)
+    return DevRun(proc, log, env, web, flower, smtp, exporter)
 
 
 def _kill_everything(run: DevRun) -> None:
@@ -230,6 +237,30 @@ def _http_status(port: int, path: str, auth: str | None = None) -> int | None:
         return None
     finally:
         conn.close()
+
+
+def _http_text(port: int, path: str) -> str | None:
+    """The body of GET ``path`` if it answers 200, else None. celery-exporter asks the
+    workers for their stats and queues on every scrape (up to a second each), hence the
+    longer timeout."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read().decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+    return body if response.status == 200 else None
+
+
+def _exporter_metrics(run: DevRun) -> str | None:
+    """celery-exporter's metrics once they hold a celery_ family and a queue length."""
+    text = _http_text(run.exporter_port, "/metrics")
+    if text and CELERY_FAMILY.search(text) and QUEUE_LENGTH.search(text):
+        return text
+    return None
 
 
 def _role_lines(output: str, role: str) -> list[str]:
@@ -289,6 +320,8 @@ def test_make_dev_runs_every_role_delivers_to_the_sink_and_stops_cleanly(
     run.wait_for(lambda: _http_status(run.flower_port, "/") is not None, 20, "Flower")
     assert _http_status(run.flower_port, "/") == 401
     assert _http_status(run.flower_port, "/", auth=FLOWER_AUTH) == 200
+    # The first run installs the exporter's own virtualenv from PyPI, hence the minute.
+    run.wait_for(lambda: _exporter_metrics(run), 60, "celery-exporter's queue lengths")
 
     pids = _role_pids(run.output())
     assert set(pids) == {"migrate", *dev.ROLES}, run.tail()

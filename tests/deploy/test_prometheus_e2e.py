@@ -91,9 +91,11 @@ def test_prometheus_scrapes_a_delivery_run_and_every_query_has_data(
     assert shutil.which("prometheus"), "install Debian's prometheus (the CI script does)"
     web_port, prom_port = _free_port(), _free_port()
     env = role_env | {"MAILROOM_METRICS_TOKEN": TOKEN}
-    web_role = web(env, web_port).start()
-    prom = prometheus(_scrape_config(tmp_path, web_port), tmp_path / "data", prom_port).start()
+    web_role = web(env, web_port)
+    prom = prometheus(_scrape_config(tmp_path, web_port), tmp_path / "data", prom_port)
     try:
+        web_role.start()
+        prom.start()
         start_role("worker", queues="bulk", concurrency=2, name="worker-bulk")
         start_role("worker", queues="high_priority", concurrency=1, name="worker-high")
         smtp_sink.set_delay(0.01)
