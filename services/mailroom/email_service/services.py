@@ -544,8 +544,7 @@ def _message_bytes(prepared: PreparedCache, row: outbox.ClaimedRow) -> bytes:
     substitutions: tuple[tuple[str, str], ...] = ()
     placeholders: tuple[str, ...] = ()
     if row.queue == Queue.BULK:
-        headers = unsubscribe_links.list_unsubscribe_headers(row.to_email)
-        url = unsubscribe_links.unsubscribe_url(row.to_email)
+        url, headers = unsubscribe_links.unsubscribe_links(row.to_email)
         substitutions = ((UNSUBSCRIBE_PLACEHOLDER, url),)
         placeholders = (UNSUBSCRIBE_PLACEHOLDER,)
         context["unsubscribe_url"] = UNSUBSCRIBE_PLACEHOLDER

@@ -69,6 +69,12 @@ def list_unsubscribe_headers(address: str) -> tuple[tuple[str, str], ...]:
     The mailto alternative is added when MAILROOM_UNSUBSCRIBE_MAILTO is set and the line
     still fits in 998 characters; values are plain ASCII without CR or LF, never folded.
     """
+    return unsubscribe_links(address)[1]
+
+
+def unsubscribe_links(address: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The unsubscribe URL and the List-Unsubscribe headers, from one signed token (a
+    bulk send needs both; signing once per message matters at hundreds per second)."""
     token = make_token(address)
     url = _url(token)
     _check_uri(url, "MAILROOM_PUBLIC_URL")
@@ -82,7 +88,7 @@ def list_unsubscribe_headers(address: str) -> tuple[tuple[str, str], ...]:
             value = with_mailto
     if _line_length("List-Unsubscribe", value) > MAX_HEADER_LINE:
         raise ImproperlyConfigured("MAILROOM_PUBLIC_URL is too long for a List-Unsubscribe header")
-    return (("List-Unsubscribe", value), ONE_CLICK)
+    return url, (("List-Unsubscribe", value), ONE_CLICK)
 
 
 def _line_length(name: str, value: str) -> int:
