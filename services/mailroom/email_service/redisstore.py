@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections import Counter
+from typing import cast
 
 import redis
 from django.conf import settings
@@ -74,69 +76,114 @@ def bucket_of(now: float) -> int:
     return int(now // SERIES_BUCKET_SECONDS)
 
 
-def record_outcome(
-    queue: str,
-    outcome: str,
-    address: str,
-    *,
-    campaign_id: object = None,
-    read: tuple[str, ...] = (),
-    reply_class: str = "",
-    latency: float | None = None,
-) -> list[bytes | None] | None:
-    """Count one delivery outcome; in the same round trip, read the keys in ``read``.
+class Tally:
+    """A batch's outcome counters, added to Redis in one round trip per flush.
 
-    Besides the totals it adds to time-bucketed series (per queue, and per campaign)
-    that give live rates without scanning anything. Returns the values read, or None
-    when Redis did not answer: counting must never stop delivery, so Redis errors are
-    logged and swallowed, and the caller falls back to Postgres for what it read.
+    Delivery reads the pause and campaign switches before every message, but its
+    counters (totals, the retry hash, the latency histogram, the rate series) are
+    flushed every FLUSH_SECONDS and when the batch ends, which keeps the per-message
+    Redis work to one small read. A worker killed mid-batch loses at most the counts of
+    the last flush interval; the outbox rows, the truth, lose nothing.
     """
-    pipe = client().pipeline(transaction=False)
-    if outcome == Outcome.SENT:
-        pipe.incr(SENT_TOTAL)
-        pipe.hdel(RETRY_COUNTS, address)
-    elif outcome == Outcome.FAILED:
-        pipe.incr(FAILED_TOTAL)
-        pipe.hdel(RETRY_COUNTS, address)
-    elif outcome == Outcome.RETRIED:
-        pipe.hincrby(RETRY_COUNTS, address, 1)
-    pipe.incr(queue_key(f"{outcome}_total", queue))
-    if outcome == Outcome.RETRIED and reply_class:
-        pipe.incr(queue_key(f"{outcome}_total", f"{queue}:{reply_class}"))
-    if latency is not None:
-        _observe_latency(pipe, queue, latency)
-    bucket = bucket_of(time.time())
-    names = [f"{outcome}:{queue}"]
-    if campaign_id is not None:
-        names.append(f"campaign:{campaign_id}:{outcome}")
-    for name in names:
-        pipe.incr(series_key(name, bucket))
-        pipe.expire(series_key(name, bucket), SERIES_TTL_SECONDS)
-    for key in read:
-        pipe.get(key)
+
+    FLUSH_SECONDS = 0.5
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.hash_counts: Counter[tuple[str, str]] = Counter()
+        self.hash_sums: dict[tuple[str, str], float] = {}
+        self.forget: set[str] = set()
+        self.expiring: set[str] = set()
+        self.flushed_at = time.monotonic()
+
+    def add(
+        self,
+        queue: str,
+        outcome: str,
+        address: str,
+        *,
+        campaign_id: object = None,
+        reply_class: str = "",
+        latency: float | None = None,
+    ) -> None:
+        """Count one delivery outcome (flushed later)."""
+        if outcome in (Outcome.SENT, Outcome.FAILED):
+            self.counts[SENT_TOTAL if outcome == Outcome.SENT else FAILED_TOTAL] += 1
+            self.forget.add(address)
+        elif outcome == Outcome.RETRIED:
+            self.hash_counts[(RETRY_COUNTS, address)] += 1
+            self.forget.discard(address)
+            if reply_class:
+                self.counts[queue_key(f"{outcome}_total", f"{queue}:{reply_class}")] += 1
+        self.counts[queue_key(f"{outcome}_total", queue)] += 1
+        if latency is not None:
+            self._observe_latency(queue, latency)
+        bucket = bucket_of(time.time())
+        names = [f"{outcome}:{queue}"]
+        if campaign_id is not None:
+            names.append(f"campaign:{campaign_id}:{outcome}")
+        for name in names:
+            self.counts[series_key(name, bucket)] += 1
+            self.expiring.add(series_key(name, bucket))
+
+    def _observe_latency(self, queue: str, seconds: float) -> None:
+        """One observation of the delivery-latency histogram, kept in Redis so that every
+        worker process on every host adds to the same buckets (non-cumulative here; the
+        exporter makes them cumulative)."""
+        from email_service.metrics import LATENCY_BUCKETS
+
+        field = next((str(b) for b in LATENCY_BUCKETS if seconds <= b), "+Inf")
+        key = latency_key(queue)
+        self.hash_counts[(key, field)] += 1
+        self.hash_counts[(key, "count")] += 1
+        self.hash_sums[(key, "sum")] = self.hash_sums.get((key, "sum"), 0.0) + seconds
+
+    def due(self) -> bool:
+        return time.monotonic() - self.flushed_at >= self.FLUSH_SECONDS
+
+    def flush(self) -> None:
+        """Add everything counted so far to Redis; errors are logged, never raised."""
+        self.flushed_at = time.monotonic()
+        if not (self.counts or self.hash_counts or self.hash_sums or self.forget):
+            return
+        pipe = client().pipeline(transaction=False)
+        for key, amount in self.counts.items():
+            pipe.incrby(key, amount)
+        for (key, field), amount in self.hash_counts.items():
+            pipe.hincrby(key, field, amount)
+        for (key, field), total in self.hash_sums.items():
+            pipe.hincrbyfloat(key, field, total)
+        if self.forget:
+            pipe.hdel(RETRY_COUNTS, *self.forget)
+        for key in self.expiring:
+            pipe.expire(key, SERIES_TTL_SECONDS)
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            logger.warning("could not add delivery counts to Redis", exc_info=True)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.counts.clear()
+        self.hash_counts.clear()
+        self.hash_sums.clear()
+        self.forget.clear()
+        self.expiring.clear()
+
+
+def read(keys: tuple[str, ...]) -> list[bytes | None] | None:
+    """The values of ``keys`` (one round trip), or None when Redis does not answer."""
+    if not keys:
+        return []
     try:
-        results = pipe.execute()
+        return cast(list[bytes | None], client().mget(keys))
     except redis.RedisError:
-        logger.warning("could not record %s outcome in Redis", outcome, exc_info=True)
+        logger.warning("could not read %s from Redis", ", ".join(keys))
         return None
-    return list(results[len(results) - len(read) :]) if read else []
 
 
 def latency_key(queue: str) -> str:
     return f"mailroom:latency:{queue}"
-
-
-def _observe_latency(pipe: redis.client.Pipeline, queue: str, seconds: float) -> None:
-    """One observation of the delivery-latency histogram, kept in Redis so that every
-    worker process on every host adds to the same buckets (non-cumulative here; the
-    exporter makes them cumulative)."""
-    from email_service.metrics import LATENCY_BUCKETS
-
-    field = next((str(b) for b in LATENCY_BUCKETS if seconds <= b), "+Inf")
-    key = latency_key(queue)
-    pipe.hincrby(key, field, 1)
-    pipe.hincrbyfloat(key, "sum", seconds)
-    pipe.hincrby(key, "count", 1)
 
 
 def series_sum(name: str, seconds: float, now: float | None = None) -> int:

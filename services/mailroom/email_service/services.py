@@ -378,6 +378,7 @@ class _BatchRun:
         self.lease = settings.MAILROOM_LEASE_SECONDS
         self.renew_at = time.monotonic() + self.lease / 3
         self.pending: outbox.PendingWrite | None = None
+        self.tally = redisstore.Tally()
         dkim_signing.is_configured()  # a bad key fails the task loudly, not each message
         limits = ratelimit.limits()
         self.limited = bool(limits.per_second or limits.per_hour or limits.per_day)
@@ -407,6 +408,7 @@ class _BatchRun:
         finally:
             self.transport.close()
             self._settle(discard=True)
+            self.tally.flush()
             if self.transport.connections_opened and self.rows:
                 redisstore.count(
                     self.rows[0].queue, "smtp_connections", self.transport.connections_opened
@@ -469,17 +471,18 @@ class _BatchRun:
         report.done.add(row.id)
         if result.throttled:
             ratelimit.note_throttle()
-        # This Redis round trip overlaps the Postgres commit of the record above.
-        read = _stop_keys(row)
-        values = redisstore.record_outcome(
+        self.tally.add(
             row.queue,
             outcome,
             row.to_email,
             campaign_id=row.campaign_id,
-            read=read,
             reply_class=result.reply_class,
             latency=(timezone.now() - row.created_at).total_seconds() if result.ok else None,
         )
+        if self.tally.due():
+            self.tally.flush()
+        # This Redis round trip overlaps the Postgres commit of the record above.
+        values = redisstore.read(_stop_keys(row))
         if result.bad_mailbox:
             self._settle()
             suppress(row.to_email, Suppression.Reason.HARD_BOUNCE, f"{result.code} {result.reply}")
