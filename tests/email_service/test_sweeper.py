@@ -13,7 +13,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from email_service import redisstore, services
-from email_service.models import DeliveryAttempt, Message
+from email_service.models import Campaign, DeliveryAttempt, Message
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -164,3 +164,15 @@ def test_the_retry_schedule_doubles_from_ten_seconds_up_to_an_hour() -> None:
         assert min(delays) >= base
         assert max(delays) <= min(base * 1.25, 3600)
         assert len(set(delays)) > 1 or base == 3600, "retries are jittered"
+
+
+def test_the_dispatcher_heals_a_stale_campaign_mirror(redis_server: redis.Redis) -> None:
+    campaign = services.create_campaign(name="mirror", subject="Hi", template="newsletter")
+    services.start_campaign(campaign)
+    Campaign.objects.filter(id=campaign.id).update(status="paused")  # mirror now stale
+    key = redisstore.campaign_state_key(campaign.id)
+    assert redis_server.get(key) == b"sending"
+
+    services.dispatch_campaigns()
+
+    assert redis_server.get(key) == b"paused"

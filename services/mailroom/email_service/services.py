@@ -803,11 +803,19 @@ def _set_campaign_status(
     if finished:
         campaign.finished_at = now
     campaign.save()
+    _mirror_campaign_states([campaign])
+
+
+def _mirror_campaign_states(campaigns: Iterable[Campaign]) -> None:
+    """Write the Redis mirrors of campaign states. A failed write is healed by the
+    dispatcher, which re-asserts the mirrors of live campaigns on every tick."""
     try:
-        redisstore.client().set(redisstore.campaign_state_key(campaign.id), status)
+        pipe = redisstore.client().pipeline(transaction=False)
+        for campaign in campaigns:
+            pipe.set(redisstore.campaign_state_key(campaign.id), campaign.status)
+        pipe.execute()
     except redis.RedisError:
-        # Workers read Postgres when the mirror is missing; a stale mirror must not stay.
-        redisstore.client().delete(redisstore.campaign_state_key(campaign.id))
+        logger.warning("could not mirror campaign states in Redis; the dispatcher will retry")
 
 
 def kick_dispatcher() -> None:
@@ -833,7 +841,13 @@ def dispatch_campaigns() -> int:
         cancel_campaign(campaign, reason="expired")
     for campaign in Campaign.objects.filter(status=Campaign.Status.SCHEDULED, send_at__lte=now):
         _set_campaign_status(campaign, Campaign.Status.SENDING, started=True)
-    sending = list(Campaign.objects.filter(status=Campaign.Status.SENDING).order_by("started_at"))
+    live = list(
+        Campaign.objects.filter(
+            status__in=[Campaign.Status.SENDING, Campaign.Status.PAUSED]
+        ).order_by("started_at")
+    )
+    _mirror_campaign_states(live)
+    sending = [c for c in live if c.status == Campaign.Status.SENDING]
     dispatched = 0 if is_bulk_paused() else _feed(sending)
     for campaign in sending:
         _complete_if_done(campaign)
