@@ -5,3 +5,12 @@ class InvalidEmailRequest(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class IdempotencyConflict(Exception):
+    """An ``Idempotency-Key`` reused with a different request."""
+
+    def __init__(self, key: str, message_id: object) -> None:
+        super().__init__(f"Idempotency-Key {key!r} was already used for a different request")
+        self.key = key
+        self.message_id = message_id

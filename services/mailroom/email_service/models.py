@@ -201,3 +201,32 @@ class RuntimeSetting(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}={self.value}"
+
+
+class ApiKey(models.Model):
+    """A credential for the HTTP API. The key itself is shown once and never stored:
+    only its SHA-256 (keys are 190 random bits, so a slow hash adds nothing) and a short
+    visible prefix that finds the row and tells operators which key is which."""
+
+    class Scope(models.TextChoices):
+        SEND = "send", "Send email, read messages"
+        CAMPAIGNS = "campaigns", "Manage campaigns"
+        ADMIN = "admin", "Everything, including the bulk switch and suppressions"
+
+    id = models.BigAutoField(primary_key=True)
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, unique=True)
+    key_hash = models.CharField(max_length=64)
+    scopes = models.JSONField(default=list)
+    # Requests per minute for this key; null means MAILROOM_API_RATE_LIMIT_PER_MINUTE.
+    rate_limit_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(db_default=Now())
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        state = " (revoked)" if self.revoked_at else ""
+        return f"{self.name} [{self.prefix}…]{state}"
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes or self.Scope.ADMIN in self.scopes

@@ -31,15 +31,16 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
-from email_service import dkim_signing, ingest, outbox, ratelimit, redisstore
+from email_service import apikeys, dkim_signing, ingest, outbox, ratelimit, redisstore
 from email_service import unsubscribe as unsubscribe_links
-from email_service.exceptions import InvalidEmailRequest
-from email_service.models import Campaign, ControlFlag, Message, Queue, Suppression
+from email_service.exceptions import IdempotencyConflict, InvalidEmailRequest
+from email_service.models import ApiKey, Campaign, ControlFlag, Message, Queue, Suppression
 from email_service.redisstore import Outcome
 from email_service.rendering import PreparedCache, message_id_domain, render, render_subject
 from email_service.smtp import SendResult, SMTPTransport
 from email_service.validation import (
     check_context,
+    check_header,
     check_subject,
     check_template,
     normalize_address,
@@ -75,14 +76,16 @@ def send_email(
 ) -> Message:
     """Accept one email for one recipient. Transactional (``high_priority``) by default.
 
-    With ``idempotency_key``, a second call with the same key returns the first message
-    instead of sending again.
+    With ``idempotency_key``, a second call with the same key and the same request
+    returns the first message instead of sending again; the same key with a different
+    request raises ``IdempotencyConflict``.
     """
     address = normalize_address(to, "to")
     if idempotency_key is not None:
+        check_header(idempotency_key, "idempotency_key", max_length=200)
         existing = Message.objects.filter(idempotency_key=idempotency_key).first()
         if existing is not None:
-            return existing
+            return _same_request(existing, address, subject, template, context, from_email, queue)
     request = _validated(subject, template, context, from_email, queue)
     try:
         [message] = _accept([address], request, campaign, [idempotency_key])
@@ -90,8 +93,33 @@ def send_email(
         # Another request with the same key got there first; it owns the send.
         if idempotency_key is None:
             raise
-        return Message.objects.get(idempotency_key=idempotency_key)
+        existing = Message.objects.get(idempotency_key=idempotency_key)
+        return _same_request(existing, address, subject, template, context, from_email, queue)
     return message
+
+
+def _same_request(
+    existing: Message,
+    address: str,
+    subject: object,
+    template: object,
+    context: object,
+    from_email: object,
+    queue: object,
+) -> Message:
+    """The stored message when it was accepted for this very request, else a conflict."""
+    sender = normalize_from(from_email or settings.DEFAULT_FROM_EMAIL, "from_email")
+    same = (
+        existing.to_email == address
+        and existing.subject == subject
+        and existing.template == template
+        and existing.context == (context or {})
+        and existing.from_email == sender
+        and existing.queue == queue
+    )
+    if not same:
+        raise IdempotencyConflict(str(existing.idempotency_key), existing.id)
+    return existing
 
 
 def send_bulk_batch(
@@ -903,3 +931,42 @@ def unsubscribe(address: str, source: str) -> None:
     ).update(
         status=Message.Status.CANCELLED, status_reason="unsubscribed", updated_at=timezone.now()
     )
+
+
+# --------------------------------------------------------------------------------------
+# API keys
+# --------------------------------------------------------------------------------------
+
+
+def create_api_key(
+    name: str, scopes: Sequence[str], rate_limit_per_minute: int | None = None
+) -> tuple[ApiKey, str]:
+    """A new key; the clear key is returned once and never stored."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidEmailRequest("name", "must not be empty")
+    unknown = sorted(set(scopes) - set(ApiKey.Scope.values))
+    if unknown or not scopes:
+        raise InvalidEmailRequest(
+            "scopes", f"must be one or more of {', '.join(ApiKey.Scope.values)}"
+        )
+    if rate_limit_per_minute is not None and rate_limit_per_minute < 1:
+        raise InvalidEmailRequest("rate_limit_per_minute", "must be 1 or more")
+    key, prefix = apikeys.generate()
+    api_key = ApiKey.objects.create(
+        name=name.strip()[:100],
+        prefix=prefix,
+        key_hash=apikeys.digest(key),
+        scopes=sorted(set(scopes)),
+        rate_limit_per_minute=rate_limit_per_minute,
+    )
+    return api_key, key
+
+
+def revoke_api_key(prefix_or_name: str) -> list[ApiKey]:
+    """Revoke the live key with this prefix, or every live key with this name."""
+    live = ApiKey.objects.filter(revoked_at__isnull=True)
+    found = list(live.filter(prefix=prefix_or_name)) or list(live.filter(name=prefix_or_name))
+    if not found:
+        raise InvalidEmailRequest("key", f"no live API key has prefix or name {prefix_or_name!r}")
+    ApiKey.objects.filter(pk__in=[k.pk for k in found]).update(revoked_at=timezone.now())
+    return found

@@ -35,6 +35,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "email_service",
     "django_prometheus",
+    "ninja",
 ]
 
 MIDDLEWARE = [
@@ -156,6 +157,19 @@ MAILROOM_DISPATCH_INTERVAL_SECONDS = env_float(
     "MAILROOM_DISPATCH_INTERVAL_SECONDS", 2.0, minimum=0.1
 )
 MAILROOM_INGEST_MAX_ERRORS = env_int("MAILROOM_INGEST_MAX_ERRORS", 1000, minimum=1)
+
+# --- HTTP API (email_service.api) ------------------------------------------------------
+# Requests per minute per API key unless the key has its own limit; 0 turns it off.
+MAILROOM_API_RATE_LIMIT_PER_MINUTE = env_int("MAILROOM_API_RATE_LIMIT_PER_MINUTE", 600, minimum=0)
+# A JSON body larger than this is refused with 413 before it is read.
+MAILROOM_API_MAX_BODY_BYTES = env_int("MAILROOM_API_MAX_BODY_BYTES", 10 * 1024 * 1024, minimum=1024)
+# A CSV upload larger than this is refused with 413 (it is streamed to disk, not memory).
+MAILROOM_API_MAX_UPLOAD_BYTES = env_int(
+    "MAILROOM_API_MAX_UPLOAD_BYTES", 200 * 1024 * 1024, minimum=1024
+)
+# Django reads at most this much of a non-file body into memory.
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAILROOM_API_MAX_BODY_BYTES
+NINJA_PAGINATION_MAX_LIMIT = 500
 
 # --- Global rate limit (token buckets in Redis, shared by every worker) ------------------
 # Total sends the relay allows; 0 means no limit. Bulk gets what transactional does not

@@ -1,0 +1,7 @@
+"""API: admin (being written)."""
+
+from __future__ import annotations
+
+from ninja import Router
+
+router = Router(tags=["admin"])

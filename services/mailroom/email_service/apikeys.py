@@ -1,0 +1,102 @@
+"""API keys: generated once, stored as a hash, found by a short visible prefix.
+
+A key reads ``mr_<prefix>_<secret>``: the prefix (8 characters) is stored in clear so the
+row can be found and operators can tell keys apart; the whole key is stored only as its
+SHA-256. A key has 190 random bits, so a slow password hash would add nothing but latency.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import string
+import time
+from dataclasses import dataclass
+
+import redis
+from django.conf import settings
+from django.utils import timezone
+
+from email_service import redisstore
+from email_service.models import ApiKey
+
+logger = logging.getLogger(__name__)
+
+_ALPHABET = string.ascii_letters + string.digits
+PREFIX_LENGTH = 8
+SECRET_LENGTH = 32
+RATE_KEY = "mailroom:apikey:rate:{prefix}:{window}"
+# last_used_at is written at most this often per key, not on every request.
+TOUCH_EVERY_SECONDS = 60
+
+
+def _random(length: int) -> str:
+    return "".join(secrets.choice(_ALPHABET) for _ in range(length))
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def generate() -> tuple[str, str]:
+    """A new key and its prefix."""
+    prefix = _random(PREFIX_LENGTH)
+    return f"mr_{prefix}_{_random(SECRET_LENGTH)}", prefix
+
+
+def split(key: str) -> str | None:
+    """The prefix of a well-formed key, else None."""
+    parts = key.split("_")
+    if len(parts) != 3 or parts[0] != "mr" or len(parts[1]) != PREFIX_LENGTH:
+        return None
+    if len(parts[2]) != SECRET_LENGTH:
+        return None
+    return parts[1]
+
+
+def authenticate(key: str) -> ApiKey | None:
+    """The live key this string is, or None (unknown, malformed or revoked)."""
+    prefix = split(key)
+    if prefix is None:
+        return None
+    found = ApiKey.objects.filter(prefix=prefix, revoked_at__isnull=True).first()
+    if found is None or not hmac.compare_digest(found.key_hash, digest(key)):
+        return None
+    now = timezone.now()
+    if (
+        found.last_used_at is None
+        or (now - found.last_used_at).total_seconds() > TOUCH_EVERY_SECONDS
+    ):
+        ApiKey.objects.filter(pk=found.pk).update(last_used_at=now)
+    return found
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    allowed: bool
+    limit: int
+    remaining: int
+    retry_after: int
+
+
+def check_rate(api_key: ApiKey) -> RateDecision:
+    """Count one request against the key's per-minute limit (a fixed window in Redis,
+    shared by every web process). With Redis unreachable the request is allowed: the
+    API keeps accepting mail into Postgres while the broker is away."""
+    limit = api_key.rate_limit_per_minute or settings.MAILROOM_API_RATE_LIMIT_PER_MINUTE
+    if not limit:
+        return RateDecision(True, 0, 0, 0)
+    window = int(time.time() // 60)
+    key = RATE_KEY.format(prefix=api_key.prefix, window=window)
+    try:
+        pipe = redisstore.client().pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, 61)
+        used = int(pipe.execute()[0])
+    except redis.RedisError:
+        logger.warning("API rate limit not checked: Redis unavailable")
+        return RateDecision(True, limit, limit, 0)
+    retry_after = max(1, 60 - int(time.time() % 60))
+    return RateDecision(used <= limit, limit, max(0, limit - used), retry_after)
