@@ -7,12 +7,17 @@ adds only the per-recipient headers (To, Message-ID, Date) for each send.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
+from email.message import Message
+from email.mime.base import MIMEBase
+from email.parser import BytesParser
+from email.policy import Policy, compat32
 from email.utils import formatdate, parseaddr
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives
@@ -128,6 +133,7 @@ class PreparedCache:
     def __init__(self, size: int = 64) -> None:
         self._size = size
         self._items: OrderedDict[str, PreparedMessage] = OrderedDict()
+        self._raw: OrderedDict[tuple[str, str, str], RawMessage] = OrderedDict()
 
     def get(
         self,
@@ -148,3 +154,88 @@ class PreparedCache:
         else:
             self._items.move_to_end(key)
         return prepared
+
+    def raw(self, from_email: str, subject: str, content: dict[str, Any]) -> RawMessage:
+        """A caller-rendered message. Its recipients' rows share the content's ``ref``
+        and are consecutive, so a cache of two is enough (and attachments are big)."""
+        key = (str(content.get("ref", "")), from_email, subject)
+        message = self._raw.get(key)
+        if message is None:
+            message = self._raw[key] = RawMessage(from_email, subject, content)
+            if len(self._raw) > 2:
+                self._raw.popitem(last=False)
+        return message
+
+
+# --------------------------------------------------------------------------------------
+# Raw messages: content the caller rendered (the Django email backend)
+# --------------------------------------------------------------------------------------
+
+RAW_TEMPLATE = "__raw__"
+"""The ``template`` of a message whose content the caller rendered. No real template
+can have this name (template names start with a letter or a digit). Its ``context``
+holds the content: see ``services.prepare_raw_email``."""
+
+
+class RawMessage:
+    """A caller-rendered email, serialised once for all of its recipients.
+
+    The visible To and Cc headers are the lists the sender wrote, the same for every
+    recipient (Bcc never appears); only Message-ID, Date and the queue's extra headers
+    (List-Unsubscribe on bulk) are added per send.
+    """
+
+    def __init__(self, from_email: str, subject: str, content: dict[str, Any]) -> None:
+        email = EmailMultiAlternatives(
+            subject=subject,
+            body=content.get("text", ""),
+            from_email=from_email,
+            to=content.get("to", []),
+            cc=content.get("cc", []),
+            reply_to=content.get("reply_to", []),
+            headers={
+                **dict(content.get("headers", [])),
+                "Message-ID": "<placeholder@localhost>",
+                "Date": "placeholder",
+            },
+        )
+        email.mixed_subtype = content.get("mixed_subtype", "mixed")
+        for alternative in content.get("alternatives", []):
+            email.attach_alternative(alternative["content"], alternative["mimetype"])
+        for attachment in content.get("attachments", []):
+            data = base64.b64decode(attachment["content"])
+            if attachment.get("part"):
+                email.attach(_stored_part(data))
+            else:
+                email.attach(attachment["filename"], data, attachment["mimetype"])
+        mime = email.message()
+        del mime["Message-ID"]
+        del mime["Date"]
+        self._shared = mime.as_bytes(linesep="\r\n")
+        self._own = frozenset(name.lower() for name in mime)
+        self._to = b"" if "to" in self._own else b"To: undisclosed-recipients:;\r\n"
+
+    def for_recipient(
+        self,
+        to: str,
+        message_id: str,
+        extra_headers: tuple[tuple[str, str], ...] = (),
+        substitutions: tuple[tuple[str, str], ...] = (),
+    ) -> bytes:
+        lines = [f"Message-ID: {message_id}", f"Date: {formatdate(usegmt=True)}"]
+        # The sender's own List-Unsubscribe (say) wins over the one Mailroom would add.
+        lines.extend(f"{n}: {v}" for n, v in extra_headers if n.lower() not in self._own)
+        return self._to + ("\r\n".join(lines) + "\r\n").encode("ascii") + self._shared
+
+
+class _StoredPart(MIMEBase):
+    """A MIME part the sender built (an inline image with its Content-ID, say), parsed
+    back from its stored bytes; a MIMEBase so that Django attaches it as it is."""
+
+    def __init__(self, policy: Policy | None = None) -> None:
+        Message.__init__(self, policy=policy or compat32)
+
+
+def _stored_part(data: bytes) -> MIMEBase:
+    part = BytesParser(_class=_StoredPart).parsebytes(data)
+    return cast(MIMEBase, part)

@@ -12,23 +12,27 @@ row whose task was lost and enqueues it again.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import mimetypes
 import random
+import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from email.utils import parseaddr
+from email.utils import getaddresses, parseaddr
 from typing import Any, BinaryIO, cast
 
 import redis
 from celery import current_app
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, connection, router, transaction
 from django.utils import timezone
+from inscriptis import get_text
 from kombu.exceptions import OperationalError as BrokerError
 
 from email_service import apikeys, dkim_signing, ingest, outbox, ratelimit, redisstore
@@ -36,7 +40,14 @@ from email_service import unsubscribe as unsubscribe_links
 from email_service.exceptions import IdempotencyConflict, InvalidEmailRequest
 from email_service.models import ApiKey, Campaign, ControlFlag, Message, Queue, Suppression
 from email_service.redisstore import Outcome
-from email_service.rendering import PreparedCache, message_id_domain, render, render_subject
+from email_service.rendering import (
+    RAW_TEMPLATE,
+    PreparedCache,
+    RawMessage,
+    message_id_domain,
+    render,
+    render_subject,
+)
 from email_service.smtp import SendResult, SMTPTransport
 from email_service.validation import (
     check_context,
@@ -238,10 +249,11 @@ def _accept(
                 updated_at=now,
             )
         )
-    with transaction.atomic():
+    using = router.db_for_write(Message)
+    with transaction.atomic(using=using):
         Message.objects.bulk_create(rows)
         skipped = len(addresses) - sum(len(ids) for _, ids in batches)
-        transaction.on_commit(lambda: _after_accept(request.queue, batches, skipped))
+        transaction.on_commit(lambda: _after_accept(request.queue, batches, skipped), using)
     return rows
 
 
@@ -293,6 +305,233 @@ def suppress(address: str, reason: str, detail: str = "") -> None:
         [Suppression(address=address.lower(), reason=reason, detail=detail[:2000])],
         ignore_conflicts=True,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Raw messages: content the caller rendered (the Django email backend)
+# --------------------------------------------------------------------------------------
+
+# Headers a caller may set besides X-* ones. Mailroom writes the others itself: From,
+# To, Cc and Reply-To from their own arguments; Subject, Date, Message-ID, MIME-Version,
+# Content-* and DKIM-Signature. X-Mailroom-* names are reserved for Mailroom.
+RAW_HEADER_NAMES = (
+    "Reply-To", "In-Reply-To", "References", "Keywords", "Comments", "Organization",
+    "List-Id", "List-Unsubscribe", "List-Unsubscribe-Post", "List-Help", "List-Archive",
+    "List-Owner", "List-Post", "List-Subscribe", "Auto-Submitted", "Precedence",
+    "Priority", "Importance", "Sensitivity", "Feedback-ID", "Content-Language",
+    "Thread-Topic", "Thread-Index", "Disposition-Notification-To",
+)  # fmt: skip
+_RAW_HEADERS = frozenset(name.lower() for name in RAW_HEADER_NAMES)
+MAX_RAW_HEADERS = 50
+DEFAULT_MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
+_HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # printable ASCII without ":" (RFC 5322)
+_MIME_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*", re.ASCII)
+_MIME_SUBTYPE = re.compile(r"[a-z][a-z0-9.+-]{0,40}")
+_NEEDS_QUOTES = re.compile(r'[()<>@,;:\\".\[\]]')
+
+RawAttachment = tuple[str | None, bytes | str, str | None] | bytes
+
+
+@dataclass(frozen=True)
+class RawEmail:
+    """A caller-rendered email that passed every check; ``send_raw_emails`` stores it."""
+
+    addresses: tuple[str, ...]
+    request: _Request
+
+
+def max_attachment_bytes() -> int:
+    return int(getattr(settings, "MAILROOM_MAX_ATTACHMENT_BYTES", DEFAULT_MAX_ATTACHMENT_BYTES))
+
+
+def prepare_raw_email(
+    *,
+    subject: str,
+    body: str = "",
+    body_subtype: str = "plain",
+    from_email: str | None = None,
+    to: Sequence[str] = (),
+    cc: Sequence[str] = (),
+    bcc: Sequence[str] = (),
+    reply_to: Sequence[str] = (),
+    headers: Mapping[str, str] | None = None,
+    alternatives: Sequence[tuple[str, str]] = (),
+    attachments: Sequence[RawAttachment] = (),
+    mixed_subtype: str = "mixed",
+    queue: str = Queue.HIGH_PRIORITY,
+) -> RawEmail:
+    """Check an email whose content the caller rendered, the way Django describes one.
+
+    Every address in ``to``, ``cc`` and ``bcc`` gets its own message (one copy per
+    address); the visible To and Cc headers show the lists as given, Bcc never appears.
+    An HTML body (``body_subtype="html"``) or an HTML alternative without a text body
+    gets a text part converted from the HTML. ``attachments`` are ``(filename, content,
+    mimetype)`` or the bytes of a whole MIME part (an inline image with its Content-ID);
+    together at most MAILROOM_MAX_ATTACHMENT_BYTES. Stored as template ``__raw__``
+    whose context is the content; the worker builds the MIME once per batch.
+    """
+    if queue not in Queue.values:
+        raise InvalidEmailRequest("queue", f"must be one of {', '.join(Queue.values)}")
+    sender = normalize_from(from_email or settings.DEFAULT_FROM_EMAIL, "from_email")
+    visible: dict[str, list[str]] = {"to": [], "cc": [], "reply_to": []}
+    addresses: dict[str, str] = {}
+    for field_name, values in (("to", to), ("cc", cc), ("bcc", bcc), ("reply_to", reply_to)):
+        for index, value in enumerate(_address_list(values, field_name)):
+            address, mailbox = _raw_mailbox(value, f"{field_name}[{index}]")
+            if field_name != "bcc":
+                visible[field_name].append(mailbox)
+            if field_name != "reply_to":
+                addresses.setdefault(address.lower(), address)
+    if not addresses:
+        raise InvalidEmailRequest("to", "at least one recipient (to, cc or bcc) is required")
+    content: dict[str, Any] = {"ref": uuid.uuid4().hex}
+    content["headers"] = _raw_headers(headers or {}, visible["reply_to"])
+    content.update({key: values for key, values in visible.items() if values})
+    content.update(_raw_body(body, body_subtype, alternatives))
+    content["attachments"] = _raw_attachments(attachments)
+    if mixed_subtype != "mixed":
+        if not isinstance(mixed_subtype, str) or not _MIME_SUBTYPE.fullmatch(mixed_subtype):
+            raise InvalidEmailRequest("mixed_subtype", f"{mixed_subtype!r} is not a MIME subtype")
+        content["mixed_subtype"] = mixed_subtype
+    content = {key: value for key, value in content.items() if value}
+    request = _Request(check_header(subject, "subject"), RAW_TEMPLATE, content, sender, queue)
+    try:
+        RawMessage(request.from_email, request.subject, content)
+    except Exception as exc:
+        # What cannot be built now would fail at send time: say so now.
+        raise InvalidEmailRequest("message", f"cannot be built: {exc}") from exc
+    return RawEmail(tuple(addresses.values()), request)
+
+
+def send_raw_emails(emails: Sequence[RawEmail]) -> list[list[Message]]:
+    """Store prepared emails, all in one transaction: one ``Message`` per recipient."""
+    with transaction.atomic(using=router.db_for_write(Message)):
+        return [_accept(e.addresses, e.request, None, [None] * len(e.addresses)) for e in emails]
+
+
+def _address_list(values: object, field_name: str) -> list[str]:
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise InvalidEmailRequest(field_name, "must be a list of addresses, not one string")
+    return list(values)
+
+
+def _raw_mailbox(value: object, field_name: str) -> tuple[str, str]:
+    """(the address, the mailbox as shown in a header: display name kept, quoted)."""
+    check_header(value, field_name, max_length=998)
+    found = getaddresses([cast(str, value)])
+    if len(found) != 1 or not found[0][1]:
+        raise InvalidEmailRequest(
+            field_name, f"{value!r} is not one email address (quote a display name with a comma)"
+        )
+    return _mailbox(*found[0], field_name)
+
+
+def _mailbox(name: str, address: str, field_name: str) -> tuple[str, str]:
+    address = normalize_address(address, field_name)
+    if not name:
+        return address, address
+    if _NEEDS_QUOTES.search(name):
+        name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return address, f"{name} <{address}>"
+
+
+def _raw_headers(headers: Mapping[str, str], reply_to: list[str]) -> list[list[str]]:
+    if not isinstance(headers, Mapping):
+        raise InvalidEmailRequest("headers", "must be a mapping of header names to values")
+    if len(headers) > MAX_RAW_HEADERS:
+        raise InvalidEmailRequest("headers", f"at most {MAX_RAW_HEADERS} custom headers")
+    kept = []
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise InvalidEmailRequest("headers", f"{name!r} is not a valid header name")
+        lowered = name.lower()
+        if lowered.startswith("x-mailroom-") or not (
+            lowered in _RAW_HEADERS or lowered.startswith("x-")
+        ):
+            raise InvalidEmailRequest(
+                "headers",
+                f"{name} cannot be set: Mailroom writes it, or it is not one of X-*, "
+                + ", ".join(RAW_HEADER_NAMES),
+            )
+        check_header(value, f"headers[{name}]", max_length=998 - len(name) - 2)
+        if lowered == "reply-to":
+            if not reply_to:  # Django's rule: an explicit reply_to wins over the header
+                reply_to.extend(
+                    _mailbox(name, address, "headers[Reply-To]")[1]
+                    for name, address in getaddresses([value])
+                )
+            continue
+        kept.append([name, value])
+    return kept
+
+
+def _raw_body(
+    body: object, subtype: object, alternatives: Sequence[tuple[str, str]]
+) -> dict[str, Any]:
+    if not isinstance(body, str):
+        raise InvalidEmailRequest("body", "must be a string")
+    if subtype not in ("plain", "html"):
+        raise InvalidEmailRequest("body", f"content subtype {subtype!r}: only plain or html")
+    parts = [(body, "text/html")] if subtype == "html" and body else []
+    for index, alternative in enumerate(alternatives):
+        content, mimetype = alternative
+        if not isinstance(content, str):
+            raise InvalidEmailRequest(f"alternatives[{index}]", "content must be a string")
+        parts.append((content, _mime_type(mimetype, f"alternatives[{index}]")))
+    text = body if subtype == "plain" else ""
+    if not text.strip():
+        html = next((content for content, mimetype in parts if mimetype == "text/html"), "")
+        text = get_text(html).strip() + "\n" if html.strip() else text
+    if "\x00" in text or any("\x00" in content for content, _ in parts):
+        raise InvalidEmailRequest("body", "must not contain NUL characters")
+    return {
+        "text": text,
+        "alternatives": [{"content": content, "mimetype": mime} for content, mime in parts],
+    }
+
+
+def _raw_attachments(attachments: Sequence[RawAttachment]) -> list[dict[str, Any]]:
+    if isinstance(attachments, bytes | str) or not isinstance(attachments, Sequence):
+        raise InvalidEmailRequest("attachments", "must be a list")
+    stored: list[dict[str, Any]] = []
+    total = 0
+    for index, attachment in enumerate(attachments):
+        field_name = f"attachments[{index}]"
+        if isinstance(attachment, bytes):
+            total += len(attachment)
+            stored.append({"part": True, "content": base64.b64encode(attachment).decode()})
+            continue
+        if not isinstance(attachment, tuple | list) or len(attachment) != 3:
+            raise InvalidEmailRequest(field_name, "must be (filename, content, mimetype)")
+        filename, data, mimetype = attachment
+        if filename is not None:
+            check_header(filename, f"{field_name}.filename", max_length=255)
+        if isinstance(data, str):
+            data = data.encode()
+        if not isinstance(data, bytes):
+            raise InvalidEmailRequest(field_name, "content must be bytes or a string")
+        guessed = mimetypes.guess_type(filename or "")[0] or "application/octet-stream"
+        total += len(data)
+        stored.append(
+            {
+                "filename": filename,
+                "mimetype": _mime_type(mimetype or guessed, field_name),
+                "content": base64.b64encode(data).decode(),
+            }
+        )
+    limit = max_attachment_bytes()
+    if total > limit:
+        raise InvalidEmailRequest(
+            "attachments",
+            f"{total} bytes in all, over the limit of {limit} (MAILROOM_MAX_ATTACHMENT_BYTES)",
+        )
+    return stored
+
+
+def _mime_type(value: object, field_name: str) -> str:
+    if not isinstance(value, str) or not _MIME_TYPE.fullmatch(value):
+        raise InvalidEmailRequest(field_name, f"{value!r} is not a MIME type")
+    return value.lower()
 
 
 # --------------------------------------------------------------------------------------
@@ -570,6 +809,8 @@ def _message_bytes(prepared: PreparedCache, row: outbox.ClaimedRow) -> bytes:
     """The exact bytes for one recipient: rendered once per distinct context, with the
     per-recipient headers, the unsubscribe link for bulk mail, and a DKIM signature."""
     context = json.loads(row.context) if isinstance(row.context, str) else dict(row.context)
+    if row.template == RAW_TEMPLATE:
+        return _raw_message_bytes(prepared, row, context)
     subject = render_subject(row.subject, context) if row.campaign_id else row.subject
     headers: tuple[tuple[str, str], ...] = ()
     substitutions: tuple[tuple[str, str], ...] = ()
@@ -582,6 +823,18 @@ def _message_bytes(prepared: PreparedCache, row: outbox.ClaimedRow) -> bytes:
     message = prepared.get(row.from_email, subject, row.template, context, placeholders)
     data = message.for_recipient(row.to_email, row.message_id_header, headers, substitutions)
     return dkim_signing.sign(data)
+
+
+def _raw_message_bytes(
+    prepared: PreparedCache, row: outbox.ClaimedRow, content: dict[str, Any]
+) -> bytes:
+    """A caller-rendered message (the Django email backend): the content as stored, with
+    Message-ID, Date and, on the bulk queue, List-Unsubscribe (unless it has its own)."""
+    headers: tuple[tuple[str, str], ...] = ()
+    if row.queue == Queue.BULK:
+        headers = unsubscribe_links.unsubscribe_links(row.to_email)[1]
+    message = prepared.raw(row.from_email, row.subject, content)
+    return dkim_signing.sign(message.for_recipient(row.to_email, row.message_id_header, headers))
 
 
 def _defer_untried(ids: list[uuid.UUID], attempts: int, report: BatchReport) -> None:
