@@ -8,6 +8,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from email.message import EmailMessage as ParsedEmail
+from email.message import MIMEPart
 from email.mime.image import MIMEImage
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def _by_recipient(sink: SMTPSink) -> dict[str, ParsedEmail]:
     return {m.rcpt_to: m.parsed() for m in sink.received}
 
 
-def _text(mail_part: ParsedEmail | None) -> str:
+def _text(mail_part: MIMEPart | None) -> str:
     assert mail_part is not None
     return str(mail_part.get_content()).replace("\r\n", "\n")
 
@@ -108,7 +109,9 @@ def test_html_arrives_as_multipart_alternative_with_a_text_part(
 ) -> None:
     both = mail.EmailMultiAlternatives("Both", "The text part.", None, ["text@example.com"])
     both.attach_alternative("<p>The <b>HTML</b> part.</p>", "text/html")
-    html_only = mail.EmailMessage("Html", "<h1>Hi</h1><ul><li>one</li></ul>", None, ["h@example.com"])
+    html_only = mail.EmailMessage(
+        "Html", "<h1>Hi</h1><ul><li>one</li></ul>", None, ["h@example.com"]
+    )
     html_only.content_subtype = "html"
     connection = mail.get_connection()
     assert connection.send_messages([both, html_only]) == 2
@@ -129,7 +132,9 @@ def test_html_arrives_as_multipart_alternative_with_a_text_part(
     converted = received["h@example.com"]
     assert converted.get_content_type() == "multipart/alternative"
     text = _text(converted.get_body(preferencelist=("plain",)))
-    assert "Hi" in text and "* one" in text and "<" not in text
+    assert "Hi" in text
+    assert "* one" in text
+    assert "<" not in text
     assert "<h1>Hi</h1>" in _text(converted.get_body(preferencelist=("html",)))
     assert received["m3@example.com"]["To"] == "m2@example.com, m3@example.com"
     assert received["m2@example.com"]["Subject"] == "Mass 2"
@@ -156,7 +161,8 @@ def test_attachments_arrive_intact(running_worker: Role, smtp_sink: SMTPSink) ->
     assert parts["logo.gif"]["Content-ID"] == "<logo>"
     assert parts["logo.gif"].get_content() == GIF
     body = parsed.get_body(preferencelist=("html",))
-    assert body is not None and 'src="cid:logo"' in str(body.get_content())
+    assert body is not None
+    assert 'src="cid:logo"' in str(body.get_content())
 
 
 def test_the_bulk_queue_is_chosen_by_header_or_backend_option(
@@ -233,7 +239,7 @@ def test_attachments_over_the_limit_are_refused_naming_the_setting() -> None:
     email.attach("big.bin", b"x" * 2000, "application/octet-stream")
     with (
         override_settings(MAILROOM_MAX_ATTACHMENT_BYTES=1000),
-        pytest.raises(InvalidEmailRequest, match="2000 bytes.*MAILROOM_MAX_ATTACHMENT_BYTES"),
+        pytest.raises(InvalidEmailRequest, match=r"2000 bytes.*MAILROOM_MAX_ATTACHMENT_BYTES"),
     ):
         email.send()
     assert Message.objects.count() == 0
