@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import getaddresses, parseaddr
+from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import redis
@@ -31,19 +32,30 @@ from celery import current_app
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import IntegrityError, connection, router, transaction
+from django.db.models import Prefetch, Q
+from django.template import engines
 from django.utils import timezone
 from inscriptis import get_text
 from kombu.exceptions import OperationalError as BrokerError
 
-from email_service import apikeys, dkim_signing, ingest, outbox, ratelimit, redisstore
+from email_service import apikeys, dkim_signing, ingest, metrics, outbox, ratelimit, redisstore
 from email_service import unsubscribe as unsubscribe_links
 from email_service.exceptions import IdempotencyConflict, InvalidEmailRequest
-from email_service.models import ApiKey, Campaign, ControlFlag, Message, Queue, Suppression
+from email_service.models import (
+    ApiKey,
+    Campaign,
+    ControlFlag,
+    DeliveryAttempt,
+    Message,
+    Queue,
+    Suppression,
+)
 from email_service.redisstore import Outcome
 from email_service.rendering import (
     RAW_TEMPLATE,
     PreparedCache,
     RawMessage,
+    RenderedEmail,
     message_id_domain,
     render,
     render_subject,
@@ -1223,3 +1235,161 @@ def revoke_api_key(prefix_or_name: str) -> list[ApiKey]:
         raise InvalidEmailRequest("key", f"no live API key has prefix or name {prefix_or_name!r}")
     ApiKey.objects.filter(pk__in=[k.pk for k in found]).update(revoked_at=timezone.now())
     return found
+
+
+# --------------------------------------------------------------------------------------
+# API queries: look-ups for the HTTP API (and anyone else who needs to read)
+# --------------------------------------------------------------------------------------
+
+# A page position in the message list: the (created_at, id) of the last row shown.
+MessageKey = tuple[datetime, uuid.UUID]
+# Templates that only lay out others ({% extends %}), never sent on their own.
+LAYOUT_TEMPLATES = frozenset({"base"})
+
+
+def get_message(message_id: uuid.UUID) -> Message:
+    """One message with its attempts in order; raises ``Message.DoesNotExist``."""
+    attempts = DeliveryAttempt.objects.order_by("attempt", "id")
+    return Message.objects.prefetch_related(Prefetch("attempts_log", queryset=attempts)).get(
+        id=message_id
+    )
+
+
+def list_messages(
+    *,
+    status: str | None = None,
+    to: str | None = None,
+    campaign_id: uuid.UUID | None = None,
+    after: MessageKey | None = None,
+    limit: int = 50,
+) -> tuple[list[Message], MessageKey | None]:
+    """Messages newest first, a page at a time, and the key of the next page (None at
+    the end). Keyset pagination on (created_at, id): a page costs the same however deep
+    it is, and rows arriving meanwhile neither repeat nor skip rows."""
+    rows = Message.objects.defer("context").order_by("-created_at", "-id")
+    if status:
+        rows = rows.filter(status=status)
+    if to:
+        rows = rows.filter(to_email__iexact=to.strip())
+    if campaign_id:
+        rows = rows.filter(campaign_id=campaign_id)
+    if after is not None:
+        created_at, last_id = after
+        rows = rows.filter(Q(created_at__lt=created_at) | Q(created_at=created_at, id__lt=last_id))
+    page = list(rows[: limit + 1])
+    if len(page) <= limit:
+        return page, None
+    last = page[limit - 1]
+    return page[:limit], (last.created_at, last.id)
+
+
+def list_suppressions(
+    *, q: str | None = None, after: str | None = None, limit: int = 50
+) -> tuple[list[Suppression], str | None]:
+    """Suppressed addresses in address order (``q``: a case-insensitive part of the
+    address), a page at a time, and the last address of the page when more follow."""
+    rows = Suppression.objects.order_by("address")
+    if q:
+        rows = rows.filter(address__icontains=q.strip())
+    if after is not None:
+        rows = rows.filter(address__gt=after)
+    page = list(rows[: limit + 1])
+    if len(page) <= limit:
+        return page, None
+    return page[:limit], page[limit - 1].address
+
+
+def get_suppression(address: str) -> Suppression:
+    """The suppression of ``address`` (any case); raises ``Suppression.DoesNotExist``."""
+    return Suppression.objects.get(address=address.strip().lower())
+
+
+def add_suppression(
+    address: str, reason: str = Suppression.Reason.MANUAL, detail: str = ""
+) -> Suppression:
+    """Validate and suppress ``address``; an address already suppressed keeps its first
+    reason. Returns the stored suppression."""
+    normalized = normalize_address(address, "address")
+    if reason not in Suppression.Reason.values:
+        raise InvalidEmailRequest(
+            "reason", f"must be one of {', '.join(Suppression.Reason.values)}"
+        )
+    suppress(normalized, reason, detail)
+    return get_suppression(normalized)
+
+
+def unsuppress(address: str) -> bool:
+    """Lift the suppression of ``address`` (any reason); False when there was none.
+
+    Mail already cancelled or suppressed stays so; only new mail reaches the address.
+    """
+    deleted, _ = Suppression.objects.filter(address=address.strip().lower()).delete()
+    return deleted > 0
+
+
+def template_names() -> list[str]:
+    """The email templates that can be sent: ``emails/<name>.html`` in every template
+    directory, without the layouts."""
+    names: set[str] = set()
+    for engine in engines.all():
+        for directory in engine.template_dirs:
+            for path in Path(directory, "emails").glob("*.html"):
+                if path.stem not in LAYOUT_TEMPLATES and not path.stem.startswith("_"):
+                    names.add(path.stem)
+    return sorted(names)
+
+
+def preview_template(template: str, subject: str, context: dict[str, Any] | None) -> RenderedEmail:
+    """What ``template`` renders to for ``context``; nothing is stored or sent.
+
+    The subject is rendered as a template too, as a campaign's is (a transactional
+    subject without ``{{ }}`` or ``{% %}`` comes out unchanged).
+    """
+    name = check_template(template)
+    checked_subject = check_subject(subject)
+    checked_context = check_context(context)
+    try:
+        rendered_subject = render_subject(checked_subject, checked_context)
+    except Exception as exc:
+        raise InvalidEmailRequest("subject", f"is not a valid template: {exc}") from exc
+    try:
+        return render(name, rendered_subject, checked_context)
+    except Exception as exc:
+        raise InvalidEmailRequest("template", f"cannot render {name!r}: {exc}") from exc
+
+
+def delivery_stats() -> dict[str, Any]:
+    """The dashboard's figures: outcomes counted by the workers (Redis), the success
+    rate, queue depths, the bulk switch and live workers per pool. Raises
+    ``redis.RedisError`` when Redis does not answer."""
+    client = redisstore.client()
+    found = metrics.read_redis(client)
+    queues = {
+        queue: {
+            "sent": _as_count(found["sent"][(queue,)]),
+            "failed": _as_count(found["failed"][(queue,)]),
+            "suppressed": _as_count(found["suppressed"][(queue,)]),
+            "depth": _as_count(found["depth"][(queue,)]),
+        }
+        for queue in metrics.QUEUES
+    }
+    sent = sum(q["sent"] for q in queues.values())
+    failed = sum(q["failed"] for q in queues.values())
+    return {
+        "sent": sent,
+        "failed": failed,
+        "suppressed": sum(q["suppressed"] for q in queues.values()),
+        # Of the emails that reached an end, the share the relay accepted.
+        "success_rate": round(sent / (sent + failed), 4) if sent + failed else None,
+        "queues": queues,
+        "bulk_paused": is_bulk_paused(),
+        "workers": metrics.workers_online(client),
+    }
+
+
+def _as_count(raw: object) -> int:
+    """A Redis counter as an int; missing or garbled counts as 0."""
+    try:
+        return int(raw) if isinstance(raw, int | bytes | str) else 0
+    except ValueError:
+        return 0
