@@ -170,6 +170,11 @@ MAILROOM_API_MAX_UPLOAD_BYTES = env_int(
 # Django reads at most this much of a non-file body into memory.
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAILROOM_API_MAX_BODY_BYTES
 NINJA_PAGINATION_MAX_LIMIT = 500
+# Attachments of mail sent through email_service.backends.QueuedEmailBackend, per email;
+# they are stored with every recipient's row, so keep this modest.
+MAILROOM_MAX_ATTACHMENT_BYTES = env_int(
+    "MAILROOM_MAX_ATTACHMENT_BYTES", 10 * 1024 * 1024, minimum=0
+)
 
 # --- Global rate limit (token buckets in Redis, shared by every worker) ------------------
 # Total sends the relay allows; 0 means no limit. Bulk gets what transactional does not
