@@ -52,6 +52,7 @@ dev: setup ## Run web, both worker pools, beat, Flower, an SMTP sink and celery-
 bench: setup ## Benchmarks: each prints a table of ratios against a baseline from the same run
 	$(BIN)/python bench/delivery.py --repeat 3
 	$(BIN)/python bench/ingest.py --repeat 3
+	$(BIN)/python bench/api.py --repeat 3
 
 clean: ## Remove the virtualenv, caches and test output
 	rm -rf $(VENV) .tools test-output .mypy_cache .ruff_cache
