@@ -264,7 +264,9 @@ def test_a_campaign_without_recipients_cannot_be_started(client: ApiClient) -> N
     assert draft["progress"]["total"] == 0
     response = client.post(f"{URL}/{draft['id']}/start")
     assert response.status_code == 409
-    assert response.json()["detail"] == "cannot start the campaign: it has no recipients yet"
+    assert (
+        response.json()["detail"] == "cannot start the campaign: the campaign has no recipients yet"
+    )
     assert Campaign.objects.get().status == "draft"
 
 

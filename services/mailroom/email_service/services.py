@@ -1000,6 +1000,9 @@ def start_campaign(campaign: Campaign) -> Campaign:
         raise InvalidEmailRequest(
             "status", f"only a draft can be started, this one is {campaign.status}"
         )
+    if not outbox.campaign_counts(campaign.id):
+        # A campaign without a single message would never be seen as finished.
+        raise InvalidEmailRequest("recipients", "the campaign has no recipients yet")
     scheduled = campaign.send_at is not None and campaign.send_at > timezone.now()
     status = Campaign.Status.SCHEDULED if scheduled else Campaign.Status.SENDING
     _set_campaign_status(campaign, status, started=not scheduled)

@@ -47,7 +47,7 @@ CampaignStatus = Literal["draft", "scheduled", "sending", "paused", "completed",
 MAX_PAGE = 100
 MAX_REPORTED_EMAIL = 320
 # InvalidEmailRequest fields that services use for "not in this state".
-STATE_FIELDS = frozenset({"status", "campaign"})
+STATE_FIELDS = frozenset({"status", "campaign", "recipients"})
 
 
 # --------------------------------------------------------------------------------------
@@ -408,16 +408,6 @@ def add_recipients(request: HttpRequest, campaign_id: str) -> dict[str, Any]:
 )
 def start_campaign(request: HttpRequest, campaign_id: str) -> dict[str, Any]:
     campaign = _get(campaign_id)
-    if (
-        campaign.status == Campaign.Status.DRAFT
-        and not services.campaign_progress(campaign)["total"]
-    ):
-        raise ApiError(
-            409,
-            "invalid_state",
-            "cannot start the campaign: it has no recipients yet",
-            [{"field": "recipients", "message": "add recipients before starting"}],
-        )
     with _state_conflict("start"):
         services.start_campaign(campaign)
     return _campaign_out(campaign)
@@ -730,12 +720,12 @@ def _state_conflict(action: str) -> Iterator[None]:
     except InvalidEmailRequest as exc:
         if exc.field not in STATE_FIELDS:
             raise
-        message = exc.message if exc.field == "status" else f"the campaign {exc.message}"
+        message = f"the campaign {exc.message}" if exc.field == "campaign" else exc.message
         raise ApiError(
             409,
             "invalid_state",
             f"cannot {action} the campaign: {message}",
-            [{"field": "status", "message": message}],
+            [{"field": exc.field, "message": message}],
         ) from None
 
 
