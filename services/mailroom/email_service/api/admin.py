@@ -17,7 +17,6 @@ from email_service import services
 from email_service.api.auth import requires
 from email_service.api.errors import COMMON_ERRORS, ApiError, ErrorOut
 from email_service.api.messages import (
-    URI_TOO_LONG,
     JsonObject,
     Text,
     decode_cursor,
@@ -109,7 +108,7 @@ def _suppression(row: Suppression) -> dict[str, Any]:
 @router.get(
     "/suppressions",
     auth=ADMIN,
-    response={200: SuppressionPage, **COMMON_ERRORS, **URI_TOO_LONG},
+    response={200: SuppressionPage, **COMMON_ERRORS},
     tags=["suppressions"],
     summary="List suppressed addresses",
 )
@@ -140,7 +139,7 @@ def add_suppression(request: HttpRequest, payload: SuppressionIn) -> tuple[int, 
 @router.delete(
     "/suppressions/{anytext:address}",
     auth=ADMIN,
-    response={204: None, 404: ErrorOut, **COMMON_ERRORS, **URI_TOO_LONG},
+    response={204: None, 404: ErrorOut, **COMMON_ERRORS},
     tags=["suppressions"],
     summary="Lift the suppression of an address",
 )
@@ -184,7 +183,7 @@ def list_templates(request: HttpRequest) -> dict[str, list[str]]:
 @router.post(
     "/templates/{anytext:name}/preview",
     auth=SEND,
-    response={200: PreviewOut, 400: ErrorOut, 404: ErrorOut, **COMMON_ERRORS, **URI_TOO_LONG},
+    response={200: PreviewOut, 400: ErrorOut, 404: ErrorOut, **COMMON_ERRORS},
     tags=["templates"],
     summary="Render a template for a context, sending nothing",
     description="The subject is rendered as a template too, as a campaign's is.",

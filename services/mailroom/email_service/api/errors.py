@@ -67,11 +67,14 @@ class TooLarge(ApiError):
         super().__init__(413, "too_large", f"the {what} is larger than {limit} bytes")
 
 
-# Errors every authenticated endpoint can return, for the OpenAPI document.
-COMMON_ERRORS: dict[int, type[Schema]] = {
+# Errors every authenticated endpoint can return, for the OpenAPI document. 414 comes
+# from gunicorn itself (a request line over 4 KiB, e.g. a long query string), with no
+# JSON body: None documents the status without a body. (Typed Any for that None.)
+COMMON_ERRORS: dict[int, Any] = {
     401: ErrorOut,
     403: ErrorOut,
     413: ErrorOut,
+    414: None,
     422: ErrorOut,
     429: ErrorOut,
 }

@@ -31,8 +31,6 @@ MessageStatus = Literal[
     "queued", "sending", "sent", "deferred", "failed", "cancelled", "suppressed"
 ]
 QueueName = Literal["high_priority", "bulk"]
-# gunicorn answers 414 (no JSON body) to a request line over 4 KiB: a long query or path.
-URI_TOO_LONG: dict[int, None] = {414: None}
 
 
 class AnyTextConverter:
@@ -268,7 +266,9 @@ def _attempt(attempt: DeliveryAttempt) -> dict[str, Any]:
 def send_message(
     request: HttpRequest,
     payload: SendIn,
-    idempotency_key: Annotated[Text | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+    idempotency_key: Annotated[
+        Text | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
+    ] = None,
 ) -> tuple[int, dict[str, Any]]:
     message = services.send_email(
         to=payload.to,
@@ -284,7 +284,7 @@ def send_message(
 
 @router.get(
     "",
-    response={200: MessagePage, **COMMON_ERRORS, **URI_TOO_LONG},
+    response={200: MessagePage, **COMMON_ERRORS},
     summary="List messages, newest first",
 )
 def list_messages(request: HttpRequest, filters: Query[MessageFilters]) -> dict[str, Any]:
@@ -301,7 +301,7 @@ def list_messages(request: HttpRequest, filters: Query[MessageFilters]) -> dict[
 
 @router.get(
     "/{message_id}",
-    response={200: MessageOut, 404: ErrorOut, **COMMON_ERRORS, **URI_TOO_LONG},
+    response={200: MessageOut, 404: ErrorOut, **COMMON_ERRORS},
     summary="One message, with every delivery attempt",
 )
 def get_message(request: HttpRequest, message_id: uuid.UUID) -> dict[str, Any]:
