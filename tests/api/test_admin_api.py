@@ -10,6 +10,7 @@ import redis
 from email_service import services
 from email_service.models import Message, Suppression
 from tests.api.conftest import ApiClient
+from tests.support.processes import RedisServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -251,3 +252,20 @@ def test_stats_before_any_delivery_have_no_success_rate(client: ApiClient) -> No
     assert figures["sent"] == figures["failed"] == 0
     assert figures["success_rate"] is None
     assert figures["bulk_paused"] is False
+
+
+def test_stats_without_redis_are_a_503_and_mail_is_still_accepted(
+    client: ApiClient, redis_process: RedisServer
+) -> None:
+    redis_process.stop()
+
+    figures = client.get("/api/v1/stats")
+    accepted = client.post(
+        "/api/v1/messages", json={"to": "ann@example.com", "subject": "Hi", "template": "welcome"}
+    )
+
+    assert figures.status_code == 503
+    assert figures.json()["error"] == "unavailable"
+    # The row is the truth; the sweeper enqueues it once Redis is back.
+    assert accepted.status_code == 202
+    assert Message.objects.get().status == "queued"

@@ -307,11 +307,13 @@ def test_a_lone_surrogate_is_a_422_not_a_500(client: ApiClient) -> None:
     assert "subject" in _field_errors(response)
 
 
-def test_a_bad_idempotency_key_is_a_422_naming_it(client: ApiClient) -> None:
-    response = client.post("/api/v1/messages", json=WELCOME, headers={"Idempotency-Key": "k" * 201})
+@pytest.mark.parametrize("key", ["k" * 201, ""])
+def test_a_bad_idempotency_key_is_a_422_naming_it(client: ApiClient, key: str) -> None:
+    response = client.post("/api/v1/messages", json=WELCOME, headers={"Idempotency-Key": key})
 
     assert response.status_code == 422
     assert "Idempotency-Key" in _field_errors(response)
+    assert Message.objects.count() == 0
 
 
 def test_malformed_json_is_a_400_that_says_so(client: ApiClient) -> None:
