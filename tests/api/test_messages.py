@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -272,6 +273,7 @@ def test_an_unknown_message_is_a_404_and_a_malformed_id_a_422(client: ApiClient)
         ({"template": "../settings"}, "template"),
         ({"context": ["not", "an", "object"]}, "context"),
         ({"context": {"name": "\x00"}}, "context"),
+        ({"context": {"deep": json.loads("[" * 100 + "]" * 100)}}, "context"),
         ({"context": {"items": 5}, "template": "newsletter"}, "template"),
         ({"from_email": "nobody"}, "from_email"),
         ({"queue": "urgent"}, "queue"),

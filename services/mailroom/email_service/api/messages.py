@@ -31,6 +31,7 @@ MessageStatus = Literal[
     "queued", "sending", "sent", "deferred", "failed", "cancelled", "suppressed"
 ]
 QueueName = Literal["high_priority", "bulk"]
+MAX_JSON_DEPTH = 32  # a template context is a few levels deep, never hundreds
 
 
 class AnyTextConverter:
@@ -66,17 +67,20 @@ def storable(value: str) -> str:
     return value
 
 
-def _storable_json(value: object) -> object:
-    """``storable`` for every key and string inside a JSON value."""
+def _storable_json(value: object, depth: int = 0) -> object:
+    """``storable`` for every key and string inside a JSON value, nested at most
+    MAX_JSON_DEPTH levels (deeper, the JSON encoder on the way to Postgres recurses out)."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"must not nest deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(value, str):
         storable(value)
     elif isinstance(value, dict):
         for key, item in value.items():
             storable(str(key))
-            _storable_json(item)
+            _storable_json(item, depth + 1)
     elif isinstance(value, list):
         for item in value:
-            _storable_json(item)
+            _storable_json(item, depth + 1)
     return value
 
 
