@@ -10,7 +10,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 BIN := $(VENV)/bin
 
-.PHONY: help setup test test-fast lint fmt typecheck dev bench clean
+.PHONY: help setup test test-fast lint fmt typecheck dev demo bench clean
 
 help: ## Show this help
 	@echo "Mailroom - asynchronous email delivery for Django teams"
@@ -48,6 +48,21 @@ test-fast: setup ## Tests only, stop at the first failure
 
 dev: setup ## Run web, both worker pools, beat, Flower, an SMTP sink and celery-exporter locally
 	$(BIN)/python deploy/dev.py
+
+# With Docker: the compose stack (started if needed) gets the demo. Without: the make dev stack
+# (start it first), reached with make dev's own environment.
+demo: ## Send a sample campaign and a few transactional emails (docker compose, else make dev)
+	@if docker compose version >/dev/null 2>&1; then \
+		docker compose up --detach && docker compose --profile demo run --rm demo; \
+		echo "Mailpit: http://localhost:8025  Grafana: http://localhost:3000  API key: docker compose logs migrate"; \
+	else \
+		echo "docker compose not found: sending to the make dev stack"; \
+		test -x $(BIN)/python || { echo "run make setup (and make dev) first"; exit 2; }; \
+		cd $(APP) && $(BIN)/python -c \
+			'import os, sys; sys.path.insert(0, "$(CURDIR)"); from deploy.dev import environment; \
+			os.execve(sys.executable, [sys.executable, "manage.py", "demo", "--wait", "60"], \
+			environment(os.environ, 1025))'; \
+	fi
 
 bench: setup ## Benchmarks: each prints a table of ratios against a baseline from the same run
 	$(BIN)/python bench/delivery.py --repeat 3
