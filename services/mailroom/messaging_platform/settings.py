@@ -42,6 +42,8 @@ MIDDLEWARE = [
     # django-prometheus: Before first, After last (its documentation), to time everything.
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # Mailroom serves its own static files (the dashboard works on an air-gapped network).
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -92,6 +94,13 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = env_str("STATIC_ROOT", str(BASE_DIR / "staticfiles"))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+# Files are found in the apps too, so `make dev` and the tests need no collectstatic; the
+# image runs collectstatic at build and serves the compressed copies.
+WHITENOISE_USE_FINDERS = True
 
 LOGGING = {
     "version": 1,
