@@ -35,7 +35,8 @@ class Role:
         self.env = env
         self.ready = ready
         OUTPUT_DIR.mkdir(exist_ok=True)
-        self.log_path = OUTPUT_DIR / f"{name}.log"
+        # One file per test run: concurrent runs must not see each other's "ready" lines.
+        self.log_path = OUTPUT_DIR / f"{name}-{os.getpid()}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30) -> Role:
