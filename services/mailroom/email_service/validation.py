@@ -47,6 +47,38 @@ def normalize_from(value: object, field: str = "from_email") -> str:
     return f"{name} <{normalized}>" if name else normalized
 
 
+def storable_text(value: str) -> str:
+    """Refuse what PostgreSQL cannot store (NUL) or encode (a lone surrogate, as a JSON
+    ``\\ud800`` escape gives): raises ValueError, so pydantic and callers name the field."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no unpaired surrogates)") from None
+    return value
+
+
+MAX_JSON_DEPTH = 32  # a template context is a few levels deep, never hundreds
+
+
+def storable_json(value: object, depth: int = 0) -> object:
+    """``storable_text`` for every key and string inside a JSON value, nested at most
+    MAX_JSON_DEPTH levels (deeper, the JSON encoder on the way to Postgres recurses out)."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"must not nest deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, str):
+        storable_text(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            storable_text(str(key))
+            storable_json(item, depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            storable_json(item, depth + 1)
+    return value
+
+
 def check_header(value: object, field: str, *, max_length: int = MAX_SUBJECT_LENGTH) -> str:
     if not isinstance(value, str):
         raise InvalidEmailRequest(field, "must be a string")
@@ -54,6 +86,10 @@ def check_header(value: object, field: str, *, max_length: int = MAX_SUBJECT_LEN
         raise InvalidEmailRequest(field, "must not contain CR, LF or NUL characters")
     if len(value) > max_length:
         raise InvalidEmailRequest(field, f"must be at most {max_length} characters")
+    try:
+        storable_text(value)
+    except ValueError as exc:
+        raise InvalidEmailRequest(field, str(exc)) from None
     return value
 
 
@@ -69,6 +105,10 @@ def check_context(value: object, field: str = "context") -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise InvalidEmailRequest(field, "must be a JSON object (a dict)")
+    try:
+        storable_json(value)
+    except ValueError as exc:
+        raise InvalidEmailRequest(field, str(exc)) from None
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:

@@ -40,6 +40,7 @@ from email_service.api.auth import requires
 from email_service.api.errors import COMMON_ERRORS, ApiError, ErrorOut
 from email_service.exceptions import InvalidEmailRequest
 from email_service.models import Campaign
+from email_service.validation import storable_text
 
 router = Router(tags=["campaigns"], auth=requires("campaigns"))
 
@@ -56,10 +57,7 @@ STATE_FIELDS = frozenset({"status", "campaign", "recipients"})
 
 
 def _storable(value: str | None) -> str | None:
-    """Postgres text cannot hold NUL, and lone surrogates cannot be encoded."""
-    if value is not None and any(ch == "\x00" or "\ud800" <= ch <= "\udfff" for ch in value):
-        raise ValueError("must not contain NUL or unpaired surrogate characters")
-    return value
+    return None if value is None else storable_text(value)
 
 
 def _utc(value: datetime | None) -> datetime | None:

@@ -24,6 +24,7 @@ from email_service import services
 from email_service.api.auth import requires
 from email_service.api.errors import COMMON_ERRORS, ApiError, ErrorOut
 from email_service.models import DeliveryAttempt, Message
+from email_service.validation import storable_json, storable_text
 
 router = Router(tags=["messages"], auth=requires("send"))
 
@@ -31,7 +32,6 @@ MessageStatus = Literal[
     "queued", "sending", "sent", "deferred", "failed", "cancelled", "suppressed"
 ]
 QueueName = Literal["high_priority", "bulk"]
-MAX_JSON_DEPTH = 32  # a template context is a few levels deep, never hundreds
 
 
 class AnyTextConverter:
@@ -50,42 +50,8 @@ class AnyTextConverter:
 register_converter(AnyTextConverter, "anytext")
 
 
-# --------------------------------------------------------------------------------------
-# Text Postgres can store
-# --------------------------------------------------------------------------------------
-
-
-def storable(value: str) -> str:
-    """Refuse what Postgres cannot store (NUL) or encode (a lone surrogate from a JSON
-    ``\\ud800`` escape), so such input is a 422 naming the field, never a 500."""
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode (no unpaired surrogates)") from None
-    return value
-
-
-def _storable_json(value: object, depth: int = 0) -> object:
-    """``storable`` for every key and string inside a JSON value, nested at most
-    MAX_JSON_DEPTH levels (deeper, the JSON encoder on the way to Postgres recurses out)."""
-    if depth > MAX_JSON_DEPTH:
-        raise ValueError(f"must not nest deeper than {MAX_JSON_DEPTH} levels")
-    if isinstance(value, str):
-        storable(value)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            storable(str(key))
-            _storable_json(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _storable_json(item, depth + 1)
-    return value
-
-
-Text = Annotated[str, AfterValidator(storable)]
-JsonObject = Annotated[dict[str, Any], AfterValidator(_storable_json)]
+Text = Annotated[str, AfterValidator(storable_text)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(storable_json)]
 
 
 # --------------------------------------------------------------------------------------
