@@ -1,8 +1,10 @@
 """An SMTP server on a real socket that records every delivery and can misbehave.
 
 It runs aiosmtpd in a thread of the test process. Faults are programmed per test:
-answer 4xx/5xx for chosen messages or addresses, drop the connection mid-DATA, or
-slow every message down. Everything the sink *accepted* is in ``messages``.
+answer 4xx/5xx for chosen messages or addresses, drop the connection mid-DATA (before
+the message is accepted) or right after accepting it (the relay has the message, the
+client never hears its 250), refuse every connection ("down"), or slow every message
+down. Everything the sink *accepted* is in ``messages``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class SinkState:
     refused: list[tuple[str, str]] = field(default_factory=list)
     rules: list[Rule] = field(default_factory=list)
     drop_at: set[int] = field(default_factory=set)
+    drop_after_accept_at: set[int] = field(default_factory=set)
+    dropped_after_accept: int = 0
     delay: float = 0.0
     down: bool = False
 
@@ -60,6 +64,7 @@ class _Handler:
             number = self.state.data_commands
             rcpt = envelope.rcpt_tos[0] if envelope.rcpt_tos else ""
             drop = number in self.state.drop_at
+            drop_after = number in self.state.drop_after_accept_at
             reply = (
                 None
                 if drop
@@ -84,6 +89,12 @@ class _Handler:
                     at=time.monotonic(),
                 )
             )
+            if drop_after:
+                self.state.dropped_after_accept += 1
+        if drop_after:
+            # The relay queued the message and died before saying so.
+            cast(asyncio.Transport, server.transport).abort()
+            return "421 4.3.2 connection dropped by test after accepting"
         return "250 2.0.0 OK queued"
 
 
@@ -92,15 +103,22 @@ class _CountingSMTP(SMTP):
         super().__init__(*args, **kw)
         self._sink_state = sink_state
         self._sink_lock = lock
+        self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         with self._sink_lock:
             self._sink_state.connections += 1
             down = self._sink_state.down
+        self._refused = down
         if down:
             cast(asyncio.Transport, transport).abort()
             return
         super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused:
+            return  # never set up: aiosmtpd's own teardown would assert on the session
+        super().connection_lost(exc)
 
 
 class SMTPSink:
@@ -131,6 +149,8 @@ class SMTPSink:
             self.state.refused.clear()
             self.state.rules.clear()
             self.state.drop_at.clear()
+            self.state.drop_after_accept_at.clear()
+            self.state.dropped_after_accept = 0
             self.state.connections = 0
             self.state.data_commands = 0
             self.state.delay = 0.0
@@ -171,6 +191,22 @@ class SMTPSink:
     def drop_connection_at(self, *numbers: int) -> None:
         with self.lock:
             self.state.drop_at.update(numbers)
+
+    def drop_after_accepting_at(self, *numbers: int) -> None:
+        """Accept (and record) these DATA commands, then drop the connection before the
+        250 reply: the client cannot know, so it sends again (an unavoidable duplicate)."""
+        with self.lock:
+            self.state.drop_after_accept_at.update(numbers)
+
+    @property
+    def data_commands(self) -> int:
+        with self.lock:
+            return self.state.data_commands
+
+    @property
+    def dropped_after_accept(self) -> int:
+        with self.lock:
+            return self.state.dropped_after_accept
 
     def set_delay(self, seconds: float) -> None:
         with self.lock:

@@ -1,0 +1,1 @@
+"""The chaos suite: the whole system as local processes, faults injected while it sends."""
