@@ -10,7 +10,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 BIN := $(VENV)/bin
 
-.PHONY: help setup test test-fast lint fmt typecheck dev demo bench clean
+.PHONY: help setup test test-fast lint fmt typecheck dev demo bench chaos clean
 
 help: ## Show this help
 	@echo "Mailroom - asynchronous email delivery for Django teams"
@@ -64,10 +64,17 @@ demo: ## Send a sample campaign and a few transactional emails (docker compose, 
 			environment(os.environ, 1025))'; \
 	fi
 
-bench: setup ## Benchmarks: each prints a table of ratios against a baseline from the same run
-	$(BIN)/python bench/delivery.py --repeat 3
-	$(BIN)/python bench/ingest.py --repeat 3
-	$(BIN)/python bench/api.py --repeat 3
+bench: setup ## Benchmarks, each against a baseline from the same run; then bench/REPORT.md
+	@mkdir -p bench/output
+	$(BIN)/python bench/delivery.py --repeat 3 --json bench/output/delivery.json
+	$(BIN)/python bench/ingest.py --repeat 3 --json bench/output/ingest.json
+	$(BIN)/python bench/api.py --repeat 3 --json bench/output/api.json
+	$(BIN)/python bench/latency.py --json bench/output/latency.json
+	$(BIN)/python bench/scaling.py --json bench/output/scaling.json
+	$(BIN)/python bench/report.py
+
+chaos: setup ## Faults injected into the whole system while it sends 20,000 emails; a table
+	$(BIN)/python -m chaos.run $(CHAOS_ARGS)
 
 clean: ## Remove the virtualenv, caches and test output
 	rm -rf $(VENV) .tools test-output .mypy_cache .ruff_cache
