@@ -125,6 +125,18 @@ class Message(models.Model):
             # Address look-ups are case-insensitive (iexact compiles to UPPER()).
             models.Index(Upper("to_email"), name="msg_to_upper_idx"),
             models.Index(fields=["-created_at"], name="msg_created_idx"),
+            # The dashboard: the latest failures and the messages retried most, read
+            # every few seconds, without a scan of a million sent rows.
+            models.Index(
+                fields=["-updated_at"],
+                name="msg_failed_recent_idx",
+                condition=models.Q(status="failed"),
+            ),
+            models.Index(
+                fields=["-attempts", "next_attempt_at"],
+                name="msg_deferred_attempts_idx",
+                condition=models.Q(status="deferred"),
+            ),
         ]
         constraints = [
             # One message per address per campaign: re-uploading a list adds no copies.
