@@ -185,6 +185,34 @@ MAILROOM_MAX_ATTACHMENT_BYTES = env_int(
     "MAILROOM_MAX_ATTACHMENT_BYTES", 10 * 1024 * 1024, minimum=0
 )
 
+
+# --- Dashboard (email_service.dashboard) and its login -----------------------------------
+# Links shown in the dashboard's header; empty hides a link. Each is opened by the
+# operator's browser, so give the address they reach it at (not a cluster-internal one).
+def _link(name: str) -> str:
+    url = env_str(name, "")
+    if url and not url.startswith(("http://", "https://")):
+        raise ImproperlyConfigured(f"{name} must be an http(s) URL or empty, got {url!r}")
+    return url
+
+
+MAILROOM_FLOWER_URL = _link("MAILROOM_FLOWER_URL")
+MAILROOM_GRAFANA_URL = _link("MAILROOM_GRAFANA_URL")
+MAILROOM_MAILPIT_URL = _link("MAILROOM_MAILPIT_URL")
+# Seconds between two refreshes of the open dashboard (none while its tab is hidden).
+MAILROOM_DASHBOARD_POLL_SECONDS = env_float("MAILROOM_DASHBOARD_POLL_SECONDS", 2.0, minimum=0.5)
+# Failed sign-ins allowed per username and client address within the window (counted in
+# Redis from the first failure); then every sign-in of that pair is refused, the
+# dashboard's login with a 429, until the window has passed. The check is in the
+# authentication backend (Django's ModelBackend plus the throttle), so the admin's login
+# form is throttled the same way.
+MAILROOM_LOGIN_MAX_FAILURES = env_int("MAILROOM_LOGIN_MAX_FAILURES", 5, minimum=1)
+MAILROOM_LOGIN_WINDOW_SECONDS = env_int("MAILROOM_LOGIN_WINDOW_SECONDS", 900, minimum=1)
+AUTHENTICATION_BACKENDS = ["email_service.dashboard.access.ThrottledModelBackend"]
+LOGIN_URL = "/login/"
+LOGIN_REDIRECT_URL = "/dashboard/"
+LOGOUT_REDIRECT_URL = "/login/"
+
 # --- Global rate limit (token buckets in Redis, shared by every worker) ------------------
 # Total sends the relay allows; 0 means no limit. Bulk gets what transactional does not
 # reserve; transactional mail is never held back.

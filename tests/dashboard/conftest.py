@@ -1,0 +1,65 @@
+"""Dashboard fixtures: users, signed-in clients, and the web role on a socket."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+
+from email_service import services
+from email_service.models import Campaign
+from tests.support.processes import Role, web
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def staff_user(db: None) -> User:
+    return User.objects.create_user("operator", "operator@example.com", PASSWORD, is_staff=True)
+
+
+@pytest.fixture
+def plain_user(db: None) -> User:
+    return User.objects.create_user("reader", "reader@example.com", PASSWORD)
+
+
+@pytest.fixture
+def staff_client(staff_user: User) -> Client:
+    client = Client()
+    client.force_login(staff_user)
+    return client
+
+
+def make_campaign(name: str = "Spring", count: int = 3, start: bool = False) -> Campaign:
+    """A campaign of ``count`` recipients at example.com; started when asked."""
+    campaign = services.create_campaign(
+        name=name, subject="Hello {{ name }}", template="newsletter"
+    )
+    rows = [
+        {"email": f"{name.lower()}{i}@example.com", "context": {"name": f"N{i}"}}
+        for i in range(count)
+    ]
+    services.add_recipients(campaign, rows)
+    if start:
+        services.start_campaign(campaign)
+    return campaign
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def web_server(role_env: dict[str, str], redis_server: object) -> Iterator[str]:
+    """gunicorn as deployed (two workers) on a free port, against the test database."""
+    port = _free_port()
+    role: Role = web(role_env, port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        role.stop()
