@@ -51,19 +51,20 @@ class Segment:
     label: str
     count: int
     percent: str  # of the campaign's messages, formatted for a CSS width
+    always: bool  # listed in the legend even at 0 (the others only when they happen)
 
 
 def progress_bar(progress: dict[str, Any]) -> list[Segment]:
     """The stacked bar of a campaign: each outcome's share of its messages."""
     total = progress["total"] or 1
     parts = [
-        ("sent", "sent", progress["sent"]),
-        ("failed", "failed", progress["failed"]),
-        ("suppressed", "suppressed", progress["suppressed"]),
-        ("cancelled", "cancelled", progress["cancelled"]),
-        ("remaining", "remaining", progress["remaining"]),
+        ("sent", progress["sent"], True),
+        ("failed", progress["failed"], True),
+        ("suppressed", progress["suppressed"], False),
+        ("cancelled", progress["cancelled"], False),
+        ("remaining", progress["remaining"], True),
     ]
-    return [Segment(k, label, n, f"{100 * n / total:.2f}") for k, label, n in parts]
+    return [Segment(k, k, n, f"{100 * n / total:.2f}", always) for k, n, always in parts]
 
 
 def live_context(snap: figures.Snapshot) -> dict[str, Any]:
