@@ -38,7 +38,16 @@ from django.utils import timezone
 from inscriptis import get_text
 from kombu.exceptions import OperationalError as BrokerError
 
-from email_service import apikeys, dkim_signing, ingest, metrics, outbox, ratelimit, redisstore
+from email_service import (
+    apikeys,
+    dkim_signing,
+    ingest,
+    metrics,
+    outbox,
+    publisher,
+    ratelimit,
+    redisstore,
+)
 from email_service import unsubscribe as unsubscribe_links
 from email_service.exceptions import IdempotencyConflict, InvalidEmailRequest
 from email_service.models import (
@@ -287,13 +296,13 @@ def enqueue(queue: str, ids: Sequence[uuid.UUID], token: str, countdown: float =
     # would otherwise leave a live token behind for rows it never delivered.
     ttl = redisstore.DISPATCH_TOKEN_TTL if not countdown else int(countdown) + 120
     key = redisstore.dispatch_key(token)
+    name = DELIVER_TASKS[Queue(queue)]
+    args = [[str(i) for i in ids], token]
     try:
-        redisstore.client().set(key, len(ids), ex=ttl)
-        current_app.send_task(
-            DELIVER_TASKS[Queue(queue)],
-            args=[[str(i) for i in ids], token],
-            countdown=countdown or None,
-        )
+        # Without a countdown (the API's hot path): token and task in one round trip.
+        if countdown or not publisher.publish(name, args, key, len(ids), ttl):
+            redisstore.client().set(key, len(ids), ex=ttl)
+            current_app.send_task(name, args=args, countdown=countdown or None)
     except (redis.RedisError, BrokerError, OSError):
         logger.warning("broker unavailable; %d message(s) left for the sweeper", len(ids))
         _forget_token(token)

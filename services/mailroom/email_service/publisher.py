@@ -1,0 +1,160 @@
+"""Delivery tasks written to Redis in one round trip, together with their dispatch token.
+
+Why not ``send_task``: on the API's hot path, Celery's ``send_task`` cost about 1 ms of
+CPU per message (routing, a new event dispatcher per call, two kombu publishes each
+building a new Redis client, the ``task-sent`` event as a second round trip), plus the
+dispatch token's own ``SET``. Here the token ``SET``, the task's ``LPUSH`` and the
+``task-sent`` event's ``PUBLISH`` go out in one pipeline, in that order (Redis runs a
+pipeline's commands in order on one connection, so the token is still written before a
+worker can see the task).
+
+The message is Celery's own: headers, properties and body come from
+``app.amqp.create_task_message`` (task protocol 2), and the envelope is the one kombu's
+Redis transport writes (JSON, base64 body, ``delivery_info``, ``delivery_tag``), so any
+Celery worker consumes it as if ``send_task`` had sent it. tests/email_service/
+test_publisher.py compares the two field by field.
+
+It covers only the plain setup Mailroom ships: the broker is ``REDIS_URL`` itself (so one
+pipeline reaches both), no kombu transport option besides ``visibility_timeout``, JSON,
+no compression, a task routed to a queue on a direct exchange, no countdown, not called
+from inside a task (Celery would record it as the parent). Anything else returns False
+and the caller uses ``send_task``.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from celery import current_app
+from celery.events.event import Event
+from celery.utils.nodenames import anon_nodename
+from celery.utils.time import utcoffset
+from django.conf import settings
+from kombu.serialization import dumps as serialize
+from kombu.utils.json import dumps as envelope_json
+
+from email_service import redisstore
+
+_TRANSPORT_OPTIONS_COVERED = {"visibility_timeout"}
+
+
+@dataclass(frozen=True)
+class _Route:
+    queue: str  # the Redis list (priority 0: kombu adds no suffix)
+    event_topic: str | None  # the task-sent event's PUB/SUB channel, None when off
+
+
+@functools.cache
+def _route(task_name: str) -> _Route | None:
+    """Where ``send_task`` would put ``task_name``, or None when this module does not
+    cover the configuration (computed once per process)."""
+    app = current_app
+    conf = app.conf
+    if (
+        settings.CELERY_BROKER_URL != settings.REDIS_URL
+        or not settings.REDIS_URL.startswith(("redis://", "rediss://", "unix://"))
+        or set(conf.broker_transport_options or {}) - _TRANSPORT_OPTIONS_COVERED
+        or int(conf.task_protocol) != 2
+        or conf.task_serializer != "json"
+        or conf.task_compression
+        or conf.event_serializer != "json"
+    ):
+        return None
+    task = app.tasks.get(task_name)
+    if task is not None and any(v is not None for v in task._get_exec_options().values()):
+        return None  # per-task publish options (queue, time limits...): send_task knows them
+    options = app.amqp.router.route({}, task_name, None, None)
+    queue = options.get("queue")
+    if queue is None or "exchange" in options or "routing_key" in options:
+        return None
+    if queue.exchange.type != "direct" or options.get("priority"):
+        return None
+    topic = None
+    if conf.task_send_sent_event:
+        db = redisstore.client().connection_pool.connection_kwargs.get("db", 0)
+        # kombu's Redis fanout: prefix "/{db}." and the routing key as a pattern.
+        topic = f"/{db}.{conf.event_exchange}/task.sent"
+    return _Route(queue=queue.name, event_topic=topic)
+
+
+def _envelope(
+    body: object,
+    headers: dict[str, object],
+    properties: dict[str, object],
+    delivery_mode: int,
+    exchange: str,
+    routing_key: str,
+) -> str:
+    """The JSON kombu's Redis transport stores for one message (Producer.publish, then
+    the virtual channel's prepare_message and basic_publish)."""
+    content_type, content_encoding, data = serialize(body, serializer="json")
+    raw = data.encode(content_encoding) if isinstance(data, str) else data
+    return envelope_json(
+        {
+            "body": base64.b64encode(raw).decode("ascii"),
+            "content-encoding": content_encoding,
+            "content-type": content_type,
+            "headers": headers,
+            "properties": {
+                **properties,
+                "delivery_mode": delivery_mode,
+                "delivery_info": {"exchange": exchange, "routing_key": routing_key},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+    )
+
+
+def publish(
+    task_name: str, args: Sequence[object], token_key: str, token_value: int, token_ttl: int
+) -> bool:
+    """SET the dispatch token, then enqueue ``task_name(*args)``, in one round trip.
+
+    False (nothing written) when the setup is not covered: call ``send_task`` instead.
+    Redis errors propagate (the caller leaves the rows to the sweeper).
+    """
+    route = _route(task_name)
+    app = current_app
+    if route is None or app.current_worker_task is not None:
+        return False
+    task_id = str(uuid.uuid4())
+    headers, properties, body, sent_event = app.amqp.create_task_message(
+        task_id,
+        task_name,
+        list(args),
+        None,
+        reply_to=app.thread_oid,
+        create_sent_event=route.event_topic is not None,
+        ignore_result=None,
+    )
+    pipe = redisstore.client().pipeline(transaction=False)
+    pipe.set(token_key, token_value, ex=token_ttl)
+    # A direct exchange: Celery publishes to the anonymous exchange, routing key = queue.
+    pipe.lpush(route.queue, _envelope(body, headers, properties, 2, "", route.queue))
+    if route.event_topic is not None and sent_event is not None:
+        hostname = anon_nodename()
+        event = Event(
+            "task-sent",
+            hostname=hostname,
+            utcoffset=utcoffset(),
+            pid=os.getpid(),
+            clock=app.clock.forward(),
+            **sent_event,
+            queue=route.queue,
+            exchange="",
+            routing_key=route.queue,
+        )
+        # As celery.events.EventDispatcher publishes it: transient, the hostname header.
+        payload = _envelope(
+            event, {"hostname": hostname}, {}, 1, app.conf.event_exchange, "task.sent"
+        )
+        pipe.publish(route.event_topic, payload)
+    pipe.execute()
+    return True
