@@ -368,6 +368,20 @@ def run_phase(ctx: Context, fault: Fault, count: int) -> PhaseResult:
     return PhaseResult(fault, recipients, injected, started, ended, window, notes)
 
 
+def describe(stack: Stack, addresses: list[str]) -> str:
+    """Where the outbox says these addresses are: status, attempts, last reply."""
+    import psycopg
+
+    with psycopg.connect(stack.postgres.url, connect_timeout=3) as conn:
+        found = conn.execute(
+            "SELECT to_email, status, attempts, last_smtp_code FROM email_service_message "
+            "WHERE to_email = ANY(%s)",
+            [addresses],
+        ).fetchall()
+    known = {row[0]: row[1:] for row in found}
+    return ", ".join(f"{a} {known.get(a, ('no row',))}" for a in addresses)
+
+
 def account(results: list[PhaseResult], trickle: Trickle, stack: Stack) -> list[Row]:
     copies = stack.sink.copies()
     received_at: dict[str, float] = {}
@@ -381,6 +395,9 @@ def account(results: list[PhaseResult], trickle: Trickle, stack: Stack) -> list[
         duplicated = sum(copies[a] - 1 for a in expected if copies[a] > 1)
         during = [m for m in tx if result.fault_started <= m.accepted_at <= result.fault_ended]
         latencies = [received_at.get(m.address, float("inf")) - m.accepted_at for m in during]
+        missing = [a for a in expected if not copies[a]]
+        if missing:
+            result.notes.append(f"never delivered: {describe(stack, missing[:5])}")
         rows.append(
             Row(
                 fault=result.fault.title,
@@ -442,9 +459,9 @@ def run(
         for fault in faults:
             results.append(run_phase(ctx, fault, share))
         trickle.phase = "end"
-        pending = list(trickle.sent)
+        trickle.stop()  # first: an email accepted after the wait below would count as lost
         log("waiting for the last transactional email")
-        wait_for_transactional(stack, pending, 60)
+        wait_for_transactional(stack, trickle.sent, 60)
     finally:
         supervisor.stopping.set()
         supervisor.join(120)
