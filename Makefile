@@ -71,6 +71,7 @@ bench: setup ## Benchmarks, each against a baseline from the same run; then benc
 	$(BIN)/python bench/api.py --repeat 3 --json bench/output/api.json
 	$(BIN)/python bench/latency.py --json bench/output/latency.json
 	$(BIN)/python bench/scaling.py --json bench/output/scaling.json
+	$(BIN)/python bench/dashboard.py --json bench/output/dashboard.json
 	$(BIN)/python bench/report.py
 
 chaos: setup ## Faults injected into the whole system while it sends 20,000 emails; a table
