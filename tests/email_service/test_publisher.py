@@ -12,7 +12,7 @@ import base64
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -47,7 +47,7 @@ def _published(r: redis.Redis, send: Any) -> tuple[bytes, bytes]:
     assert event is not None, "no task-sent event"
     [task] = r.lrange("high_priority", 0, -1)
     r.delete("high_priority")
-    return task, event["channel"] + b" " + event["data"]
+    return cast(bytes, task), cast(bytes, event["channel"] + b" " + event["data"])
 
 
 def _without(mapping: dict[str, Any], keys: set[str]) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def test_accepting_mail_writes_the_token_and_the_task_together(redis_server: red
     message = services.send_email(to="ann@example.com", subject="Hi", template="welcome")
 
     [raw] = redis_server.lrange("high_priority", 0, -1)
-    _, body = _decoded(raw)
+    _, body = _decoded(cast(bytes, raw))
     assert body[0] == [[str(message.id)], message.dispatch_token]
     key = redisstore.dispatch_key(message.dispatch_token)
     assert redis_server.get(key) == b"1"

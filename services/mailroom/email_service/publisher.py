@@ -29,6 +29,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 from celery import current_app
 from celery.events.event import Event
@@ -50,14 +51,18 @@ class _Route:
 
 
 @functools.cache
-def _route(task_name: str) -> _Route | None:
-    """Where ``send_task`` would put ``task_name``, or None when this module does not
-    cover the configuration (computed once per process)."""
-    app = current_app
+def _route(app: Any, task_name: str) -> _Route | None:
+    """Where ``send_task`` on ``app`` would put ``task_name``, or None when this module
+    does not cover the configuration (computed once per app and task).
+
+    ``app`` is a key, not only an argument: in another Django project the email backend
+    makes its own app current while it publishes (email_service.backends)."""
     conf = app.conf
+    redis_url = getattr(settings, "REDIS_URL", None)
     if (
-        settings.CELERY_BROKER_URL != settings.REDIS_URL
-        or not settings.REDIS_URL.startswith(("redis://", "rediss://", "unix://"))
+        not redis_url
+        or conf.broker_write_url != redis_url  # the broker_url unless set apart
+        or not redis_url.startswith(("redis://", "rediss://", "unix://"))
         or set(conf.broker_transport_options or {}) - _TRANSPORT_OPTIONS_COVERED
         or int(conf.task_protocol) != 2
         or conf.task_serializer != "json"
@@ -68,7 +73,7 @@ def _route(task_name: str) -> _Route | None:
     task = app.tasks.get(task_name)
     if task is not None and any(v is not None for v in task._get_exec_options().values()):
         return None  # per-task publish options (queue, time limits...): send_task knows them
-    options = app.amqp.router.route({}, task_name, None, None)
+    options = app.amqp.router.route({}, task_name, (), {})
     queue = options.get("queue")
     if queue is None or "exchange" in options or "routing_key" in options:
         return None
@@ -120,8 +125,9 @@ def publish(
     False (nothing written) when the setup is not covered: call ``send_task`` instead.
     Redis errors propagate (the caller leaves the rows to the sweeper).
     """
-    route = _route(task_name)
-    app = current_app
+    # The app itself (current_app is a proxy); Any: celery-types lacks some attributes.
+    app: Any = cast(Any, current_app)._get_current_object()
+    route = _route(app, task_name)
     if route is None or app.current_worker_task is not None:
         return False
     task_id = str(uuid.uuid4())
