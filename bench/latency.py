@@ -169,6 +169,7 @@ def measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
         env = app_env(bulk_port, start_redis(stack, logs))
         env["DATABASE_URL"] = f"{PG_URL}/{DB_NAME}"
         env["MAILROOM_API_RATE_LIMIT_PER_MINUTE"] = "0"
+        env["ALLOWED_HOSTS"] = "127.0.0.1,localhost"
         ensure_database(env)
         setup_django(env)
         truncate_tables()
