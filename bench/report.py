@@ -125,7 +125,7 @@ SECTIONS = (
 )
 
 
-def report(directory: Path, chart: bool) -> str:
+def report(directory: Path, chart: bool, note: str = "") -> str:
     lines = [
         "# Benchmark report",
         "",
@@ -148,6 +148,8 @@ def report(directory: Path, chart: bool) -> str:
         lines += ["", f"Machine: {machine.get('cpu_count')} CPU(s), {machine.get('cpu', '?')}."]
     if missing:
         lines += ["", f"Not run for this report: {', '.join(missing)}."]
+    if note:
+        lines += ["", note]
     if chart:
         lines += ["", "![throughput over time](throughput.png)"]
     return "\n".join(lines) + "\n"
@@ -176,7 +178,7 @@ def draw(directory: Path, target: Path) -> bool:
             ax.set_title(f"{data['emails']:,} emails end to end: delivered emails/s")
         ax.set_xlabel("seconds")
         ax.set_ylabel("emails/s")
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper right")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(target, dpi=80)
@@ -199,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", type=Path, default=OUTPUT, help="where the JSON files are")
     parser.add_argument("--out", type=Path, default=BENCH / "REPORT.md")
     parser.add_argument("--chart", type=Path, default=BENCH / "throughput.png")
+    parser.add_argument("--note", default="", help="a paragraph about the run, e.g. its load")
     args = parser.parse_args(argv)
     drawn = draw(args.input, args.chart)
-    text = report(args.input, drawn)
+    text = report(args.input, drawn, args.note)
     args.out.write_text(text)
     print(text)
     return 0
