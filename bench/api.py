@@ -13,6 +13,11 @@ The clients are threads spread over ``--client-processes`` processes (plain
 so that the load generator is not the bottleneck. Latency is measured per request at
 the client, connection included.
 
+It also reads, from /proc, the CPU that the gunicorn processes, this run's redis-server
+and the Postgres backends of the bench database spent during each measured window, and
+prints it per request: on a small machine the ratio is a CPU budget, and that table says
+who spends it.
+
 It uses a private database (``mailroom_bench_api``, created and migrated if missing,
 kept between runs, its messages truncated before each measure) and a private
 redis-server on a free port. Every process it starts is stopped on the way out.
@@ -38,7 +43,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from multiprocessing.queues import Queue as MPQueue
 from pathlib import Path
 from types import FrameType
@@ -81,6 +86,8 @@ class Phase:
     p50_ms: float
     p99_ms: float
     answered: int  # every answer with the expected status, warm-up included
+    # CPU milliseconds per measured request, by process group (see cpu_seconds)
+    cpu_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -169,6 +176,59 @@ def answers(child: Child, port: int) -> bool:
         return False
 
 
+# --------------------------------------------------------------------------------------
+# CPU accounting: where each request's CPU goes
+# --------------------------------------------------------------------------------------
+
+TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass
+class Sessions:
+    """The process sessions (start_new_session) of the servers this run started."""
+
+    web: int = 0
+    redis: int = 0
+
+
+SESSIONS = Sessions()
+
+
+def _proc_stat(pid: str) -> tuple[int, float, str] | None:
+    """(session id, user+system CPU seconds, command line) of a process, None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "(comm)": state is field 3
+    return int(fields[3]), (int(fields[11]) + int(fields[12])) / TICKS, cmdline
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU used so far by the gunicorn workers and master, this run's redis-server and
+    the Postgres backends connected to the bench database (not Postgres' shared WAL
+    writer or checkpointer, nor the load generator). Linux only; empty elsewhere."""
+    totals = {"web": 0.0, "postgres": 0.0, "redis": 0.0}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        found = _proc_stat(entry.name)
+        if found is None:
+            continue
+        session, seconds, cmdline = found
+        if SESSIONS.web and session == SESSIONS.web:
+            totals["web"] += seconds
+        elif SESSIONS.redis and session == SESSIONS.redis:
+            totals["redis"] += seconds
+        elif cmdline.startswith("postgres: ") and f" {DB_NAME} " in cmdline:
+            totals["postgres"] += seconds
+    return totals
+
+
 def start_redis(stack: contextlib.ExitStack, logs: Path) -> str:
     binary = shutil.which("redis-server")
     if binary is None:
@@ -178,6 +238,8 @@ def start_redis(stack: contextlib.ExitStack, logs: Path) -> str:
     argv += ["--appendonly", "no", "--dir", str(logs)]
     server = Child("redis-server", argv, logs / "redis.log", dict(os.environ)).start()
     stack.callback(server.stop)
+    assert server.proc is not None
+    SESSIONS.redis = server.proc.pid
 
     def pings() -> bool:
         server.check_alive()
@@ -213,6 +275,8 @@ def start_web(stack: contextlib.ExitStack, env: dict[str, str], logs: Path, work
     argv += ["-c", str(GUNICORN_CONF), "--bind", f"127.0.0.1:{port}", "--workers", str(workers)]
     web = Child("gunicorn", argv, logs / "web.log", env).start()
     stack.callback(web.stop)
+    assert web.proc is not None
+    SESSIONS.web = web.proc.pid
     wait_until(lambda: answers(web, port), 60, "gunicorn to answer /healthz")
     return port
 
@@ -381,6 +445,10 @@ def run_load(port: int, target: Target, key: str, args: argparse.Namespace) -> P
     window = Window(start, start + args.seconds)
     for _ in procs:
         go.put(window)
+    time.sleep(max(0.0, window.start - time.time()))
+    cpu_before = cpu_seconds()
+    time.sleep(max(0.0, window.end - time.time()))
+    cpu_after = cpu_seconds()
     tallies = [results.get(timeout=args.seconds + args.warmup + 120) for _ in procs]
     for proc in procs:
         proc.join(30)
@@ -397,6 +465,9 @@ def run_load(port: int, target: Target, key: str, args: argparse.Namespace) -> P
         p50_ms=percentile(latencies, 0.50) * 1000,
         p99_ms=percentile(latencies, 0.99) * 1000,
         answered=sum(t.answered for t in tallies),
+        cpu_ms={
+            name: (cpu_after[name] - cpu_before[name]) * 1000 / len(latencies) for name in cpu_after
+        },
     )
 
 
@@ -443,6 +514,10 @@ def median_phase(phases: list[Phase]) -> Phase:
         p50_ms=statistics.median(p.p50_ms for p in phases),
         p99_ms=statistics.median(p.p99_ms for p in phases),
         answered=round(statistics.median(p.answered for p in phases)),
+        cpu_ms={
+            name: statistics.median(p.cpu_ms.get(name, 0.0) for p in phases)
+            for name in phases[0].cpu_ms
+        },
     )
 
 
@@ -506,7 +581,28 @@ def report(runs: list[Run], machine: dict[str, Any]) -> str:
     ]
     if len(runs) > 1:
         lines.append("Median rows: median of each column; their ratio is the median of the runs'.")
+    lines += ["", *cpu_table(runs)]
     return "\n".join(lines)
+
+
+def cpu_table(runs: list[Run]) -> list[str]:
+    """Server-side CPU per request (medians over the runs), the reason for the ratio."""
+    trivial = median_phase([r.trivial for r in runs]).cpu_ms
+    api = median_phase([r.api for r in runs]).cpu_ms
+    if not trivial or not api:
+        return []
+    names = ["web", "postgres", "redis"]
+    lines = [
+        "CPU per request, ms (median of runs; the load generator, the kernel's work for "
+        "other processes and Postgres' shared WAL writer are not counted):",
+        "",
+        "| measure | gunicorn | Postgres backends | Redis | total |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, cpu in ((TRIVIAL.label, trivial), (SEND.label, api)):
+        cells = " | ".join(f"{cpu.get(n, 0.0):.2f}" for n in names)
+        lines.append(f"| {label} | {cells} | {sum(cpu.get(n, 0.0) for n in names):.2f} |")
+    return lines
 
 
 def as_json(runs: list[Run], machine: dict[str, Any]) -> dict[str, Any]:
