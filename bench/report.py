@@ -116,12 +116,22 @@ def scaling_rows(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def dashboard_rows(data: dict[str, Any]) -> list[str]:
+    trivial, page = data["trivial"], data["data"]
+    return [
+        f"| GET /dashboard/data p50 | GET /healthz {trivial['p50_ms']:.1f} ms "
+        f"| {page['p50_ms']:.1f} ms | {data['data_p50_ratio']:.2f} "
+        f"| < {data.get('target_p50_ms', 50):g} ms |"
+    ]
+
+
 SECTIONS = (
     ("delivery", "bench/delivery.py", delivery_rows),
     ("ingest", "bench/ingest.py", ingest_rows),
     ("api", "bench/api.py", api_rows),
     ("latency", "bench/latency.py", latency_rows),
     ("scaling", "bench/scaling.py", scaling_rows),
+    ("dashboard", "bench/dashboard.py", dashboard_rows),
 )
 
 
@@ -146,6 +156,10 @@ def report(directory: Path, chart: bool, note: str = "") -> str:
         lines += rows(data)
     if machine:
         lines += ["", f"Machine: {machine.get('cpu_count')} CPU(s), {machine.get('cpu', '?')}."]
+    known = {name for name, _, _ in SECTIONS}
+    others = sorted(p.name for p in directory.glob("*.json") if p.stem not in known)
+    if others:
+        lines += ["", f"Also in {directory.name}/, not summarised here: {', '.join(others)}."]
     if missing:
         lines += ["", f"Not run for this report: {', '.join(missing)}."]
     if note:
