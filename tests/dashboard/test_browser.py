@@ -3,7 +3,8 @@ gunicorn, a Celery worker, beat and the SMTP sink.
 
 An operator signs in, starts a campaign, watches the figures and the progress bar rise
 without a reload, pauses it (accepting the confirmation) while the sink stops receiving,
-resumes it and sees it complete. Every request the page makes stays on this machine.
+resumes it and sees it complete. Every request the page makes stays on this machine, and
+a hidden tab makes none.
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ def browser() -> Iterator[Browser]:
             yield launched
         finally:
             launched.close()
+
+
+HIDE = """() => {
+    Object.defineProperty(document, "hidden", { configurable: true, get: () => true });
+    document.dispatchEvent(new Event("visibilitychange"));
+}"""
+SHOW = """() => {
+    delete document.hidden;
+    document.dispatchEvent(new Event("visibilitychange"));
+}"""
 
 
 def _card_sent(page: Page, campaign_id: str) -> int:
@@ -142,5 +153,14 @@ def test_an_operator_starts_watches_pauses_and_resumes_a_campaign(
 
     polls = [url for url in requested if urlsplit(url).path == "/dashboard/data"]
     assert len(polls) >= 3, "the page polled for figures"
+
+    # A hidden tab asks for nothing; back in view, it refreshes at once.
+    page.evaluate(HIDE)
+    time.sleep(0.5)  # a poll already on its way may finish
+    before = len(requested)
+    time.sleep(5)
+    assert requested[before:] == [], "no request while the tab is hidden"
+    with page.expect_request(lambda request: urlsplit(request.url).path == "/dashboard/data"):
+        page.evaluate(SHOW)
     outside = [url for url in requested if urlsplit(url).hostname not in LOCAL_HOSTS]
     assert outside == [], f"requests that left this machine: {outside}"
