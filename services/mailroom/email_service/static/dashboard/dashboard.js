@@ -62,13 +62,22 @@
     }
     var active = document.activeElement;
     var focusId = active && section.contains(active) ? active.id : "";
+    var open = [];
+    var details = section.querySelectorAll("details[open][id]");
+    for (var i = 0; i < details.length; i++) {
+      open.push(details[i].id);
+    }
     section.innerHTML = html;
     shown[name] = next;
-    if (focusId) {
-      var again = document.getElementById(focusId);
+    for (var j = 0; j < open.length; j++) {
+      var again = document.getElementById(open[j]);
       if (again) {
-        again.focus();
+        again.open = true;
       }
+    }
+    var focused = focusId ? document.getElementById(focusId) : null;
+    if (focused) {
+      focused.focus();
     }
   }
 
