@@ -168,6 +168,7 @@ def test_the_retry_schedule_doubles_from_ten_seconds_up_to_an_hour() -> None:
 
 def test_the_dispatcher_heals_a_stale_campaign_mirror(redis_server: redis.Redis) -> None:
     campaign = services.create_campaign(name="mirror", subject="Hi", template="newsletter")
+    services.add_recipients(campaign, [{"email": "mirror@example.com"}])
     services.start_campaign(campaign)
     Campaign.objects.filter(id=campaign.id).update(status="paused")  # mirror now stale
     key = redisstore.campaign_state_key(campaign.id)
