@@ -18,6 +18,7 @@ import pytest
 import redis
 from celery import current_app
 
+import email_service.tasks  # noqa: F401  registered, as in a worker: time limits in headers
 from email_service import publisher, redisstore, services
 
 TASK = "email_service.deliver_high_priority"
@@ -59,9 +60,12 @@ def test_the_task_and_its_event_are_the_ones_send_task_writes(redis_server: redi
     args = [[str(uuid.uuid4())], "token-1"]
 
     theirs = _published(redis_server, lambda: current_app.send_task(TASK, args=args))
+    covered: list[bool] = []
     ours = _published(
-        redis_server, lambda: publisher.publish(TASK, args, "mailroom:dispatch:t", 1, 60)
+        redis_server,
+        lambda: covered.append(publisher.publish(TASK, args, "mailroom:dispatch:t", 1, 60)),
     )
+    assert covered == [True], "the test setup is one the publisher covers"
 
     (their_task, their_body), (our_task, our_body) = _decoded(theirs[0]), _decoded(ours[0])
     assert our_body == their_body == [args, {}, {"callbacks": None, "errbacks": None,
@@ -71,6 +75,7 @@ def test_the_task_and_its_event_are_the_ones_send_task_writes(redis_server: redi
         their_task["headers"], VARYING_HEADERS
     )
     assert our_task["headers"]["root_id"] == our_task["headers"]["id"]
+    assert our_task["headers"]["timelimit"] == [40, 30]  # tests/settings.py
     assert _without(our_task["properties"], VARYING_PROPERTIES) == _without(
         their_task["properties"], VARYING_PROPERTIES
     )

@@ -16,9 +16,9 @@ test_publisher.py compares the two field by field.
 
 It covers only the plain setup Mailroom ships: the broker is ``REDIS_URL`` itself (so one
 pipeline reaches both), no kombu transport option besides ``visibility_timeout``, JSON,
-no compression, a task routed to a queue on a direct exchange, no countdown, not called
-from inside a task (Celery would record it as the parent). Anything else returns False
-and the caller uses ``send_task``.
+no compression, a task routed to a queue on a direct exchange with no per-task publish
+option but time limits, no countdown, not called from inside a task (Celery would record
+it as the parent). Anything else returns False and the caller uses ``send_task``.
 """
 
 from __future__ import annotations
@@ -70,9 +70,6 @@ def _route(app: Any, task_name: str) -> _Route | None:
         or conf.event_serializer != "json"
     ):
         return None
-    task = app.tasks.get(task_name)
-    if task is not None and any(v is not None for v in task._get_exec_options().values()):
-        return None  # per-task publish options (queue, time limits...): send_task knows them
     options = app.amqp.router.route({}, task_name, (), {})
     queue = options.get("queue")
     if queue is None or "exchange" in options or "routing_key" in options:
@@ -130,6 +127,17 @@ def publish(
     route = _route(app, task_name)
     if route is None or app.current_worker_task is not None:
         return False
+    # As send_task: the registered task's options (once the task module is imported,
+    # Celery fills in the app's time limits and serializer). Time limits go into the
+    # headers; any other option (queue, priority, expires...) is send_task's business.
+    task = app.tasks.get(task_name)
+    options = {k: v for k, v in (task._get_exec_options() if task else {}).items() if v is not None}
+    time_limit, soft_time_limit = (
+        options.pop("time_limit", None),
+        options.pop("soft_time_limit", None),
+    )
+    if options.pop("serializer", "json") != "json" or options:
+        return False
     task_id = str(uuid.uuid4())
     headers, properties, body, sent_event = app.amqp.create_task_message(
         task_id,
@@ -137,6 +145,8 @@ def publish(
         list(args),
         None,
         reply_to=app.thread_oid,
+        time_limit=time_limit,
+        soft_time_limit=soft_time_limit,
         create_sent_event=route.event_topic is not None,
         ignore_result=None,
     )
