@@ -58,6 +58,7 @@ def _without(mapping: dict[str, Any], keys: set[str]) -> dict[str, Any]:
 @pytest.mark.django_db
 def test_the_task_and_its_event_are_the_ones_send_task_writes(redis_server: redis.Redis) -> None:
     args = [[str(uuid.uuid4())], "token-1"]
+    current_app.finalize()  # as in a worker: the registered tasks carry their time limits
 
     theirs = _published(redis_server, lambda: current_app.send_task(TASK, args=args))
     covered: list[bool] = []

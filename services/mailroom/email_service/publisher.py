@@ -127,10 +127,10 @@ def publish(
     route = _route(app, task_name)
     if route is None or app.current_worker_task is not None:
         return False
-    # As send_task: the registered task's options (once the task module is imported,
-    # Celery fills in the app's time limits and serializer). Time limits go into the
-    # headers; any other option (queue, priority, expires...) is send_task's business.
-    task = app.tasks.get(task_name)
+    # As send_task: the registered task's options, looked up as send_task does (in the
+    # registry as it is, without finalizing the app). Time limits go into the headers;
+    # any other option (queue, priority, expires...) is send_task's business.
+    task = app._tasks.get(task_name)
     options = {k: v for k, v in (task._get_exec_options() if task else {}).items() if v is not None}
     time_limit, soft_time_limit = (
         options.pop("time_limit", None),
