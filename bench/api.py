@@ -49,6 +49,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from benchlib import ensure_database, setup_django
+
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "services" / "mailroom"
 GUNICORN_CONF = REPO / "deploy" / "gunicorn.conf.py"
@@ -284,28 +286,6 @@ def start_web(stack: contextlib.ExitStack, env: dict[str, str], logs: Path, work
 # --------------------------------------------------------------------------------------
 # The database
 # --------------------------------------------------------------------------------------
-
-
-def ensure_database(env: dict[str, str]) -> None:
-    """Create ``mailroom_bench_api`` if missing (it is kept between runs) and migrate it."""
-    import psycopg
-
-    with psycopg.connect(f"{PG_URL}/postgres", autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [DB_NAME]).fetchone()
-        if exists is None:
-            conn.execute(f'CREATE DATABASE "{DB_NAME}"')
-    argv = [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"]
-    done = subprocess.run(argv, cwd=APP_DIR, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"migrate failed:\n{done.stdout}{done.stderr}")
-
-
-def setup_django(env: dict[str, str]) -> None:
-    os.environ.update(env)
-    sys.path.insert(0, str(APP_DIR))
-    import django
-
-    django.setup()
 
 
 def truncate_messages() -> None:
@@ -650,7 +630,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def measure(args: argparse.Namespace, logs: Path) -> list[Run]:
     with contextlib.ExitStack() as stack:
         env = app_env(start_redis(stack, logs))
-        ensure_database(env)
+        ensure_database(DB_NAME, env)
         setup_django(env)
         key = bench_key()
         port = start_web(stack, env, logs, args.web_workers)

@@ -37,11 +37,9 @@ import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.api import cpu_model, percentile, start_redis, stop_on_sigterm  # noqa: E402
+from bench.benchlib import ensure_database, setup_django  # noqa: E402
 
 APP_DIR = REPO / "services" / "mailroom"
 PG_URL = "postgres://postgres@127.0.0.1:5432"
@@ -104,30 +103,6 @@ def app_env(redis_url: str) -> dict[str, str]:
     )
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     return env
-
-
-def ensure_database(env: dict[str, str]) -> None:
-    """Create ``mailroom_bench_dashboard`` if missing and migrate it."""
-    import psycopg
-
-    with psycopg.connect(f"{PG_URL}/postgres", autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [DB_NAME]).fetchone()
-        if exists is None:
-            conn.execute(f'CREATE DATABASE "{DB_NAME}"')
-    argv = [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"]
-    done = subprocess.run(argv, cwd=APP_DIR, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"migrate failed:\n{done.stdout}{done.stderr}")
-
-
-def setup_django(env: dict[str, str]) -> None:
-    # WhiteNoise: no collectstatic here, the files come from the app finders.
-    warnings.filterwarnings("ignore", "No directory at", UserWarning)
-    os.environ.update(env)
-    sys.path.insert(0, str(APP_DIR))
-    import django
-
-    django.setup()
 
 
 def seed_mark(messages: int) -> str:
@@ -404,7 +379,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def measure(args: argparse.Namespace, logs: Path) -> tuple[dict[str, Timing], dict[str, Any]]:
     with contextlib.ExitStack() as stack:
         env = app_env(start_redis(stack, logs))
-        ensure_database(env)
+        ensure_database(DB_NAME, env)
         setup_django(env)
         if args.reseed or seeded_with() != seed_mark(args.messages):
             seed_database(args.messages)

@@ -49,6 +49,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from benchlib import ensure_database, setup_django
+
 if TYPE_CHECKING:
     from email_service.models import Campaign
 
@@ -345,28 +347,6 @@ def worker_memory(worker: Child, processes: int) -> Memory:
 # --------------------------------------------------------------------------------------
 # The database
 # --------------------------------------------------------------------------------------
-
-
-def ensure_database(env: dict[str, str]) -> None:
-    """Create ``mailroom_bench`` if missing (it is kept between runs) and migrate it."""
-    import psycopg
-
-    with psycopg.connect(f"{PG_URL}/postgres", autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [DB_NAME]).fetchone()
-        if exists is None:
-            conn.execute(f'CREATE DATABASE "{DB_NAME}"')
-    argv = [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"]
-    done = subprocess.run(argv, cwd=APP_DIR, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"migrate failed:\n{done.stdout}{done.stderr}")
-
-
-def setup_django(env: dict[str, str]) -> None:
-    os.environ.update(env)
-    sys.path.insert(0, str(APP_DIR))
-    import django
-
-    django.setup()
 
 
 def truncate_tables() -> None:
@@ -874,7 +854,7 @@ def measure(args: argparse.Namespace, logs: Path) -> Results:
     with contextlib.ExitStack() as stack:
         sink, port = start_sink(stack, logs)
         env = app_env(port, start_redis(stack, logs))
-        ensure_database(env)
+        ensure_database(DB_NAME, env)
         setup_django(env)
         worker = start_worker(stack, env, logs, args.processes)
         children = [worker]

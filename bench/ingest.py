@@ -25,7 +25,6 @@ import resource
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from benchlib import ensure_database, setup_django
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "services" / "mailroom"
@@ -99,28 +100,6 @@ def app_env() -> dict[str, str]:
         }
     )
     return env
-
-
-def ensure_database(env: dict[str, str]) -> None:
-    """Create ``mailroom_bench_ingest`` if missing (it is kept between runs) and migrate it."""
-    import psycopg
-
-    with psycopg.connect(f"{PG_URL}/postgres", autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [DB_NAME]).fetchone()
-        if exists is None:
-            conn.execute(f'CREATE DATABASE "{DB_NAME}"')
-    argv = [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"]
-    done = subprocess.run(argv, cwd=APP_DIR, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"migrate failed:\n{done.stdout}{done.stderr}")
-
-
-def setup_django(env: dict[str, str]) -> None:
-    os.environ.update(env)
-    sys.path.insert(0, str(APP_DIR))
-    import django
-
-    django.setup()
 
 
 def truncate_tables() -> None:
@@ -390,7 +369,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> tuple[list[Run], dict[st
     path = workdir / "recipients.csv"
     write_csv(path, args.rows)
     env = app_env()
-    ensure_database(env)
+    ensure_database(DB_NAME, env)
     setup_django(env)
     truncate_tables()
     suppressed = seed_suppressions(args.rows)
