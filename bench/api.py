@@ -37,19 +37,17 @@ import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing.queues import Queue as MPQueue
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from benchlib import ensure_database, setup_django
+from benchlib import Child, ensure_database, free_port, setup_django, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "services" / "mailroom"
@@ -109,62 +107,6 @@ class Run:
 # --------------------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
-
-
-class Child:
-    """A process in its own session, logging to a file; stopping it stops its group."""
-
-    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.argv = argv
-        self.log = log
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Child:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                self.argv,
-                cwd=APP_DIR,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return self
-
-    def check_alive(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            text = self.log.read_text(errors="replace") if self.log.exists() else ""
-            tail = "\n".join(text.splitlines()[-30:])
-            raise RuntimeError(f"{self.name} is not running; log {self.log}:\n{tail}")
-
-    def stop(self, grace: float = 15) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
 
 
 def answers(child: Child, port: int) -> bool:

@@ -1,4 +1,5 @@
-"""What every benchmark script needs: its own database, migrated, and Django set up.
+"""What every benchmark script needs: its own database, migrated, Django set up, and
+child processes it can start, watch and stop.
 
 Each script keeps a private database between runs (created here when missing) so that
 its figures never touch a developer's data or another script's tables.
@@ -6,10 +7,15 @@ its figures never touch a developer's data or another script's tables.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,3 +46,68 @@ def setup_django(env: dict[str, str]) -> None:
     import django
 
     django.setup()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Child:
+    """A process in its own session, logging to a file; stopping it stops its group."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.argv = argv
+        self.log = log
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Child:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=APP_DIR,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def check_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            tail = "\n".join(self.text().splitlines()[-30:])
+            raise RuntimeError(f"{self.name} is not running; log {self.log}:\n{tail}")
+
+    def wait_for_log(self, marker: str, timeout: float) -> None:
+        def seen() -> bool:
+            self.check_alive()
+            return marker in self.text()
+
+        wait_until(seen, timeout, f"{self.name} to log {marker!r}")
+
+    def stop(self, grace: float = 15) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)

@@ -35,12 +35,10 @@ import signal
 import smtplib
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -49,7 +47,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from benchlib import ensure_database, setup_django
+from benchlib import Child, ensure_database, free_port, setup_django, wait_until
 
 if TYPE_CHECKING:
     from email_service.models import Campaign
@@ -158,71 +156,6 @@ class Results:
 # --------------------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
-
-
-class Child:
-    """A process in its own session, logging to a file; stopping it stops its group."""
-
-    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.argv = argv
-        self.log = log
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Child:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                self.argv,
-                cwd=APP_DIR,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return self
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def check_alive(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            tail = "\n".join(self.text().splitlines()[-30:])
-            raise RuntimeError(f"{self.name} is not running; log {self.log}:\n{tail}")
-
-    def wait_for_log(self, marker: str, timeout: float) -> None:
-        def seen() -> bool:
-            self.check_alive()
-            return marker in self.text()
-
-        wait_until(seen, timeout, f"{self.name} to log {marker!r}")
-
-    def stop(self, grace: float = 15) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
 
 
 def listening(child: Child, port: int) -> bool:
