@@ -14,9 +14,8 @@ when any row is invalid (the report then says why, with ``stored=False``). Inges
 into one campaign are serialised by an advisory lock. Nothing is enqueued: the
 campaign dispatcher hands the new ``queued`` rows to workers.
 
-Addresses go through a fast path for the common ASCII form (a regular expression whose
-result equals email-validator's, checked by a property test) and through
-``validation.normalize_address`` for everything else.
+Addresses go through ``validation.fast_normalize`` (the common ASCII form) and through
+``validation.validator_normalize`` (email-validator) for everything else.
 """
 
 from __future__ import annotations
@@ -36,14 +35,12 @@ from typing import Any, BinaryIO
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
-from email_validator import SPECIAL_USE_DOMAIN_NAMES
-from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 from psycopg import sql
 
 from email_service.exceptions import InvalidEmailRequest
 from email_service.models import Campaign, Message, Queue, Suppression
 from email_service.rendering import message_id_domain
-from email_service.validation import check_context, normalize_address
+from email_service.validation import check_context, fast_normalize, validator_normalize
 
 CHUNK_ROWS = 10_000
 MESSAGE = Message._meta.db_table
@@ -98,34 +95,6 @@ class IngestReport:
 # Addresses
 # --------------------------------------------------------------------------------------
 
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_FAST_ADDRESS = re.compile(
-    rf"[ \t]*({_ATOM}(?:\.{_ATOM})*)@((?:{_LABEL}\.)+{_LABEL})[ \t]*", re.ASCII
-)
-_SPECIAL_SUFFIXES = tuple(f".{name}" for name in SPECIAL_USE_DOMAIN_NAMES)
-_CASE_INSENSITIVE = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
-_MAX_ADDRESS = 254
-
-
-def fast_normalize(value: str) -> str | None:
-    """``normalize_address(value)`` for plain ASCII addresses, or None to take the slow
-    path. Conservative: whatever it accepts, email-validator accepts with the same
-    result (a dot-atom local part, LDH labels, a dot, a TLD ending in a letter; no
-    Punycode or other ``--`` labels, no special-use domains)."""
-    match = _FAST_ADDRESS.fullmatch(value)
-    if match is None:
-        return None
-    local, domain = match.groups()
-    if len(local) + len(domain) >= _MAX_ADDRESS or not domain[-1].isalpha() or "--" in domain:
-        return None
-    domain = domain.lower()
-    if f".{domain}".endswith(_SPECIAL_SUFFIXES):
-        return None
-    if local.lower() in _CASE_INSENSITIVE:
-        local = local.lower()  # RFC 2142 role names, as email-validator does
-    return f"{local}@{domain}"
-
 
 def _address(value: object, column: str) -> str:
     """The normalised address, or InvalidEmailRequest with a reason for the report."""
@@ -135,7 +104,7 @@ def _address(value: object, column: str) -> str:
             return fast
         if _BAD_UTF8.search(value):
             raise InvalidEmailRequest(column, f"not valid UTF-8 (column {column!r})")
-    return normalize_address(value, column)
+    return validator_normalize(value, column)
 
 
 # --------------------------------------------------------------------------------------
