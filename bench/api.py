@@ -1,12 +1,18 @@
 """API throughput: ``POST /api/v1/messages`` against a trivial Django JSON view, one run.
 
-Both are served by the same gunicorn (``deploy/gunicorn.conf.py``, sync workers, the
-product's settings and middleware) and driven by the same load: ``--clients`` concurrent
-clients (default 16), each sending one request after another for ``--seconds`` after a
-warm-up. The trivial view is ``GET /healthz``, which returns ``{"status": "ok"}`` and
-touches neither Postgres nor Redis. The API request is the real thing: key look-up and
-per-key rate check, validation, template check, the ``Message`` row committed, the
-delivery task queued in Redis (no Celery worker runs, so tasks just wait there).
+The trivial view and the API are served by the same gunicorn (``deploy/gunicorn.conf.py``,
+sync workers, the product's settings and middleware) and driven by the same load:
+``--clients`` concurrent clients (default 16), each sending one request after another
+for ``--seconds`` after a warm-up. The trivial view is ``GET /healthz``, which returns
+``{"status": "ok"}`` and touches neither Postgres nor Redis. The API request is the real
+thing: key look-up and per-key rate check, validation, template check, the ``Message``
+row committed, the delivery task queued in Redis (no Celery worker runs, so tasks just
+wait there).
+
+A third measure, the floor, is a bench-only view (``bench/api_floor/``, mounted only in
+this script's gunicorn) that parses the same body, commits one outbox row with a raw
+``INSERT`` and does one ``LPUSH``: the least any accept that stores the message before
+answering must do. Its ratio is an upper bound for the API's on the machine at hand.
 
 The clients are threads spread over ``--client-processes`` processes (plain
 ``http.client``, a new connection per request since gunicorn's sync workers close it),
@@ -51,6 +57,7 @@ from benchlib import Child, ensure_database, free_port, setup_django, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "services" / "mailroom"
+FLOOR_DIR = Path(__file__).resolve().parent / "api_floor"
 GUNICORN_CONF = REPO / "deploy" / "gunicorn.conf.py"
 PG_URL = "postgres://postgres@127.0.0.1:5432"
 DB_NAME = "mailroom_bench_api"
@@ -98,10 +105,15 @@ class Phase:
 class Run:
     trivial: Phase
     api: Phase
+    floor: Phase
 
     @property
     def ratio(self) -> float:
         return self.api.rate / self.trivial.rate
+
+    @property
+    def floor_ratio(self) -> float:
+        return self.floor.rate / self.trivial.rate
 
 
 # --------------------------------------------------------------------------------------
@@ -213,7 +225,16 @@ def app_env(redis_url: str) -> dict[str, str]:
 
 
 def start_web(stack: contextlib.ExitStack, env: dict[str, str], logs: Path, workers: int) -> int:
-    """gunicorn as deployed (deploy/gunicorn.conf.py, sync workers), without access log."""
+    """gunicorn as deployed (deploy/gunicorn.conf.py, sync workers), without access log.
+
+    Its settings are the product's plus one bench-only URL, ``/bench/floor``
+    (bench/api_floor/): the same server answers the trivial view, the API and the floor.
+    """
+    env = {
+        **env,
+        "DJANGO_SETTINGS_MODULE": "floor_settings",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(FLOOR_DIR), env.get("PYTHONPATH")) if p),
+    }
     port = free_port()
     argv = [sys.executable, "-m", "gunicorn", "messaging_platform.wsgi:application"]
     argv += ["-c", str(GUNICORN_CONF), "--bind", f"127.0.0.1:{port}", "--workers", str(workers)]
@@ -395,26 +416,35 @@ def run_load(port: int, target: Target, key: str, args: argparse.Namespace) -> P
 
 TRIVIAL = Target("trivial Django JSON view: GET /healthz", "GET", "/healthz", 200)
 SEND = Target("API: POST /api/v1/messages", "POST", "/api/v1/messages", 202, SEND_BODY)
+FLOOR = Target(
+    "floor: one raw INSERT + one LPUSH (bench-only view)", "POST", "/bench/floor", 202, SEND_BODY
+)
 
 
-def measure_api(port: int, key: str, args: argparse.Namespace) -> Phase:
+def measure_writes(port: int, target: Target, key: str, args: argparse.Namespace) -> Phase:
+    """A measure of a view that stores a message: every 202 must have left its row."""
     truncate_messages()
-    phase = run_load(port, SEND, key, args)
+    phase = run_load(port, target, key, args)
     stored = message_count()
     if stored != phase.answered:
-        raise RuntimeError(f"{phase.answered} requests answered 202 but {stored} messages stored")
+        raise RuntimeError(
+            f"{target.label}: {phase.answered} requests answered 202 but {stored} rows stored"
+        )
     return phase
 
 
 def run_once(number: int, port: int, key: str, args: argparse.Namespace) -> Run:
-    """Both measures; the order alternates (AB, BA...) so a drifting machine favours neither."""
-    if number % 2:
-        api = measure_api(port, key, args)
-        trivial = run_load(port, TRIVIAL, key, args)
-    else:
-        trivial = run_load(port, TRIVIAL, key, args)
-        api = measure_api(port, key, args)
-    return Run(trivial, api)
+    """The three measures; the order rotates between runs (TAF, AFT, FTA) so that a
+    drifting machine favours none of them."""
+    measures = {
+        "trivial": lambda: run_load(port, TRIVIAL, key, args),
+        "api": lambda: measure_writes(port, SEND, key, args),
+        "floor": lambda: measure_writes(port, FLOOR, key, args),
+    }
+    names = list(measures)
+    shift = number % len(names)
+    phases = {name: measures[name]() for name in names[shift:] + names[:shift]}
+    return Run(phases["trivial"], phases["api"], phases["floor"])
 
 
 # --------------------------------------------------------------------------------------
@@ -453,13 +483,23 @@ def table(runs: list[Run], clients: int) -> list[str]:
         suffix = f" (run {number})" if len(runs) > 1 else ""
         lines.append(row(TRIVIAL.label + suffix, clients, run.trivial, 1.0))
         lines.append(row(SEND.label + suffix, clients, run.api, run.ratio))
+        lines.append(row(FLOOR.label + suffix, clients, run.floor, run.floor_ratio))
     if len(runs) > 1:
         ratio = statistics.median(r.ratio for r in runs)
+        floor_ratio = statistics.median(r.floor_ratio for r in runs)
         lines.append(
             row(f"median: {TRIVIAL.label}", clients, median_phase([r.trivial for r in runs]), 1.0)
         )
         lines.append(
             row(f"median: {SEND.label}", clients, median_phase([r.api for r in runs]), ratio)
+        )
+        lines.append(
+            row(
+                f"median: {FLOOR.label}",
+                clients,
+                median_phase([r.floor for r in runs]),
+                floor_ratio,
+            )
         )
     return lines
 
@@ -489,12 +529,16 @@ def facts(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(runs: list[Run], machine: dict[str, Any]) -> str:
     ratio = statistics.median(r.ratio for r in runs)
+    floor_ratio = statistics.median(r.floor_ratio for r in runs)
     verdict = "meets" if ratio >= TARGET else "MISSES"
     lines = ["## API: POST /api/v1/messages vs a trivial Django JSON view, same gunicorn", ""]
     lines += table(runs, machine["clients"])
     lines += [
         "",
         f"Ratio {ratio:.2f}: {verdict} the target ≥ {TARGET}.",
+        f"Floor {floor_ratio:.2f}: a view that only commits one outbox row (raw SQL) and "
+        "writes one Redis entry, nothing else; no accept that stores the message before "
+        f"answering can beat it on this machine ({ratio / floor_ratio:.0%} of it reached).",
         f"Machine: {machine['cpu_count']} CPU(s) ({machine['cpu']}), {machine['system']}, "
         f"Python {machine['python']}. gunicorn: {machine['web_workers']} sync worker(s), "
         f"deploy/gunicorn.conf.py. Load: {machine['clients']} clients in "
@@ -521,7 +565,8 @@ def cpu_table(runs: list[Run]) -> list[str]:
         "| measure | gunicorn | Postgres backends | Redis | total |",
         "|---|---:|---:|---:|---:|",
     ]
-    for label, cpu in ((TRIVIAL.label, trivial), (SEND.label, api)):
+    floor = median_phase([r.floor for r in runs]).cpu_ms
+    for label, cpu in ((TRIVIAL.label, trivial), (SEND.label, api), (FLOOR.label, floor)):
         cells = " | ".join(f"{cpu.get(n, 0.0):.2f}" for n in names)
         lines.append(f"| {label} | {cells} | {sum(cpu.get(n, 0.0) for n in names):.2f} |")
     return lines
@@ -531,9 +576,17 @@ def as_json(runs: list[Run], machine: dict[str, Any]) -> dict[str, Any]:
     return {
         "facts": machine,
         "runs": [
-            {"trivial": asdict(r.trivial), "api": asdict(r.api), "ratio": r.ratio} for r in runs
+            {
+                "trivial": asdict(r.trivial),
+                "api": asdict(r.api),
+                "floor": asdict(r.floor),
+                "ratio": r.ratio,
+                "floor_ratio": r.floor_ratio,
+            }
+            for r in runs
         ],
         "median_ratio": statistics.median(r.ratio for r in runs),
+        "median_floor_ratio": statistics.median(r.floor_ratio for r in runs),
         "target": TARGET,
     }
 
