@@ -53,9 +53,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from benchlib import Child, ensure_database, free_port, setup_django, wait_until
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.benchlib import Child, ensure_database, free_port, setup_django, wait_until  # noqa: E402
+
 APP_DIR = REPO / "services" / "mailroom"
 FLOOR_DIR = Path(__file__).resolve().parent / "api_floor"
 GUNICORN_CONF = REPO / "deploy" / "gunicorn.conf.py"

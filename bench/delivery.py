@@ -47,12 +47,14 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from benchlib import Child, ensure_database, free_port, setup_django, wait_until
-
 if TYPE_CHECKING:
     from email_service.models import Campaign
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.benchlib import Child, ensure_database, free_port, setup_django, wait_until  # noqa: E402
+
 APP_DIR = REPO / "services" / "mailroom"
 PG_URL = "postgres://postgres@127.0.0.1:5432"
 DB_NAME = "mailroom_bench"

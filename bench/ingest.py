@@ -39,9 +39,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from benchlib import ensure_database, setup_django
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.benchlib import ensure_database, setup_django  # noqa: E402
+
 APP_DIR = REPO / "services" / "mailroom"
 PG_URL = "postgres://postgres@127.0.0.1:5432"
 DB_NAME = "mailroom_bench_ingest"

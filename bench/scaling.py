@@ -26,11 +26,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.benchlib import ensure_database  # noqa: E402
 from bench.delivery import (  # noqa: E402
+    DB_NAME,
     Child,
     app_env,
     cpu_model,
-    ensure_database,
     run_mailroom,
     run_raw,
     setup_django,
@@ -69,7 +70,7 @@ def measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         sink, port = start_sink(stack, logs)
         env = app_env(port, start_redis(stack, logs))
-        ensure_database(env)
+        ensure_database(DB_NAME, env)
         setup_django(env)
         for n in args.processes:
             worker = start_worker(stack, env, logs, n)
