@@ -110,8 +110,14 @@ class PreparedMessage:
 def message_id_domain(from_email: str) -> str:
     """The right-hand side of our Message-IDs: configured, else the sender's domain (so
     receivers see ids on the sending domain, not the container's host name)."""
-    domain = settings.MAILROOM_MESSAGE_ID_DOMAIN or parseaddr(from_email)[1].rpartition("@")[2]
+    domain = settings.MAILROOM_MESSAGE_ID_DOMAIN or _sender_domain(from_email)
     return str(domain or "mailroom.example.com")
+
+
+@functools.lru_cache(maxsize=256)
+def _sender_domain(from_email: str) -> str:
+    """The domain of a sender (``Team <team@example.com>``); few senders, many messages."""
+    return parseaddr(from_email)[1].rpartition("@")[2]
 
 
 def render_subject(subject: str, context: dict[str, Any]) -> str:
