@@ -14,6 +14,13 @@ read from Redis and Postgres at scrape time.)
   are never added in, and removed at exit when it was made here.
 * ``child_exit`` tells prometheus_client that a worker died (``mark_process_dead``), so
   its live gauges disappear; its counters are kept, as they should be.
+
+Timeout: a sync worker busy with one request for longer than ``timeout`` seconds is killed
+(the client gets no answer). It is ``MAILROOM_WEB_TIMEOUT`` (default 300), the variable
+Django's settings read too: adding a long recipient list through the API stops at
+``MAILROOM_API_INGEST_SECONDS`` (80 % of it by default) with a 413 and nothing stored, so a
+worker is never killed halfway through. Set the timeout here, not with ``--timeout`` in
+``GUNICORN_CMD_ARGS``, which Django cannot see.
 """
 
 from __future__ import annotations
@@ -30,6 +37,23 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mailroom-prometheus-")
     os.environ[_OWNED] = "1"
 MULTIPROC_DIR = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+
+
+def web_timeout() -> int:
+    """``MAILROOM_WEB_TIMEOUT`` in seconds (default 300), as settings.py reads it."""
+    raw = os.environ.get("MAILROOM_WEB_TIMEOUT", "").strip()
+    if not raw:
+        return 300
+    try:
+        seconds = int(raw)
+    except ValueError:
+        raise SystemExit(f"MAILROOM_WEB_TIMEOUT must be an integer, got {raw!r}") from None
+    if seconds < 10:
+        raise SystemExit(f"MAILROOM_WEB_TIMEOUT must be at least 10, got {seconds}")
+    return seconds
+
+
+timeout = web_timeout()
 
 
 def wipe(directory: Path) -> None:

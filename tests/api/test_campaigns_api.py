@@ -3,6 +3,7 @@ database, Redis, and — for delivery — real Celery workers, beat and an SMTP 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -533,20 +534,34 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextlib.contextmanager
+def _server_with(role_env: dict[str, str], key: str, **settings: str) -> Iterator[ApiClient]:
+    """gunicorn as deployed, with these environment settings on top of the test ones."""
+    port = _free_port()
+    role = web({**role_env, **settings}, port).start()
+    try:
+        yield ApiClient(f"http://127.0.0.1:{port}", key)
+    finally:
+        role.stop()
+
+
 @pytest.fixture
 def small_limits_client(
     role_env: dict[str, str], redis_server: object, make_key: Callable[..., str]
 ) -> Iterator[ApiClient]:
     """A server that takes uploads and bodies of at most 2 KiB."""
-    env = dict(role_env)
-    env["MAILROOM_API_MAX_UPLOAD_BYTES"] = "2048"
-    env["MAILROOM_API_MAX_BODY_BYTES"] = "2048"
-    port = _free_port()
-    role = web(env, port).start()
-    try:
-        yield ApiClient(f"http://127.0.0.1:{port}", make_key("campaigns"))
-    finally:
-        role.stop()
+    limits = {"MAILROOM_API_MAX_UPLOAD_BYTES": "2048", "MAILROOM_API_MAX_BODY_BYTES": "2048"}
+    with _server_with(role_env, make_key("campaigns"), **limits) as client:
+        yield client
+
+
+@pytest.fixture
+def short_ingest_client(
+    role_env: dict[str, str], redis_server: object, make_key: Callable[..., str]
+) -> Iterator[ApiClient]:
+    """A server whose requests may spend at most 0.2 s adding recipients."""
+    with _server_with(role_env, make_key("campaigns"), MAILROOM_API_INGEST_SECONDS="0.2") as client:
+        yield client
 
 
 def test_an_upload_or_body_over_the_limit_is_413(small_limits_client: ApiClient) -> None:
@@ -562,3 +577,32 @@ def test_an_upload_or_body_over_the_limit_is_413(small_limits_client: ApiClient)
 
     small = _created(_upload(client, _csv("email", "fits@example.com")))
     assert small["report"]["accepted"] == 1
+
+
+def test_a_list_too_long_for_one_request_is_413_naming_the_field_and_stores_nothing(
+    short_ingest_client: ApiClient,
+) -> None:
+    """Past MAILROOM_API_INGEST_SECONDS an ingest gives up with a 413 and rolls back,
+    instead of running into the web server's timeout (a worker killed, no answer)."""
+    client = short_ingest_client
+    many = _csv("email,name", *(f"long{i}@example.com,N{i}" for i in range(60_000)))
+    response = _upload(client, many)
+    assert response.status_code == 413, response.text
+    assert response.json()["error"] == "too_large"
+    message = _field_errors(response)["file"]
+    assert "nothing was stored" in message
+    assert "0.2 s" in message
+    _nothing_stored()
+
+    # A short list fits (the first chunk is always stored); a long one added to that
+    # campaign is refused as a whole and the campaign keeps what it had.
+    created = _created(_upload(client, _csv("email", "first@example.com")))
+    path = f"{URL}/{created['id']}/recipients"
+    response = _upload(client, many, path=path)
+    assert response.status_code == 413, response.text
+    rows = [{"email": f"json{i}@example.com"} for i in range(60_000)]
+    response = client.post(path, json={"recipients": rows})
+    assert response.status_code == 413, response.text
+    assert list(_field_errors(response)) == ["recipients"]
+    assert Message.objects.filter(campaign_id=created["id"]).count() == 1
+    assert client.get(f"{URL}/{created['id']}").json()["progress"]["total"] == 1

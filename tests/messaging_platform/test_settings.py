@@ -54,6 +54,11 @@ def test_the_defaults_start() -> None:
         ({"DEBUG": "perhaps"}, "DEBUG must be a boolean"),
         ({"CELERY_TASK_TIME_LIMIT": "100"}, "CELERY_TASK_SOFT_TIME_LIMIT < CELERY_TASK_TIME_LIMIT"),
         ({"SECRET_KEY_FILE": "/nonexistent/secret"}, "SECRET_KEY_FILE: cannot read"),
+        ({"MAILROOM_WEB_TIMEOUT": "5"}, "MAILROOM_WEB_TIMEOUT must be at least 10"),
+        (
+            {"MAILROOM_WEB_TIMEOUT": "60", "MAILROOM_API_INGEST_SECONDS": "60"},
+            "MAILROOM_API_INGEST_SECONDS (60) must be below MAILROOM_WEB_TIMEOUT (60)",
+        ),
     ],
 )
 def test_a_bad_value_stops_the_start_naming_the_variable(
@@ -89,3 +94,47 @@ def test_helpers_read_typed_values(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("X_INT", "4.2")
     with pytest.raises(ImproperlyConfigured, match="X_INT must be an integer"):
         env.env_int("X_INT", 1)
+
+
+GUNICORN_CONF = APP_DIR.parents[1] / "deploy" / "gunicorn.conf.py"
+
+
+def _gunicorn_timeout(metrics_dir: Path, **overrides: str) -> int:
+    """The ``timeout`` gunicorn takes from deploy/gunicorn.conf.py with this environment
+    (``metrics_dir``: so that loading the file makes no directory of its own)."""
+    code = f"import runpy, sys; print(runpy.run_path({str(GUNICORN_CONF)!r})['timeout'])"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=BASE_ENV | {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)} | overrides,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout)
+
+
+def _ingest_seconds(**overrides: str) -> float:
+    code = "from django.conf import settings as s; print(s.MAILROOM_API_INGEST_SECONDS)"
+    done = subprocess.run(
+        [sys.executable, "-c", f"import django; django.setup(); {code}"],
+        cwd=APP_DIR,
+        env=BASE_ENV | overrides,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return float(done.stdout)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"MAILROOM_WEB_TIMEOUT": "120"}])
+def test_the_api_stops_adding_recipients_before_gunicorn_would_kill_the_worker(
+    overrides: dict[str, str], tmp_path: Path
+) -> None:
+    """gunicorn and Django read the same MAILROOM_WEB_TIMEOUT; the API's ingest budget
+    ends well inside it, so a long list gets a 413, never a killed worker."""
+    timeout = _gunicorn_timeout(tmp_path, **overrides)
+    assert timeout == int(overrides.get("MAILROOM_WEB_TIMEOUT", "300"))
+    assert _ingest_seconds(**overrides) <= 0.8 * timeout

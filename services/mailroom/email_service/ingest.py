@@ -26,6 +26,7 @@ import json
 import queue
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -58,6 +59,10 @@ _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 class IngestError(InvalidEmailRequest):
     """The whole upload is unusable (empty, no ``email`` column, not UTF-8...)."""
+
+
+class IngestTimeLimit(IngestError):
+    """The ingest ran past its ``time_limit``: nothing was stored."""
 
 
 @dataclass
@@ -460,29 +465,43 @@ def _insert_sql(staging: sql.Identifier, layout: _Layout) -> sql.Composed:
 # --------------------------------------------------------------------------------------
 
 
-def ingest_csv(campaign: Campaign, stream: BinaryIO, *, strict: bool = False) -> IngestReport:
+def ingest_csv(
+    campaign: Campaign,
+    stream: BinaryIO,
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
+) -> IngestReport:
     """Add the recipients of a CSV file (a header row with an ``email`` column; every
     other column becomes that recipient's template context, as strings).
 
     Raises IngestError (field ``csv``) when the upload as a whole is unusable; bad rows
-    are listed in the report and skipped, or, with ``strict``, nothing is stored.
+    are listed in the report and skipped, or, with ``strict``, nothing is stored. With
+    ``time_limit`` (seconds), an ingest still running after it raises IngestTimeLimit
+    and stores nothing (checked between chunks, so it may overrun by one chunk).
     """
     source = _CsvReader(stream)
     try:
-        return _ingest(campaign, source, _Prefetch(source.prepared()), strict, "csv")
+        chunks = _Prefetch(source.prepared())
+        return _ingest(campaign, source, chunks, strict, "csv", time_limit)
     finally:
         source.close()
 
 
 def ingest_rows(
-    campaign: Campaign, rows: Iterable[Mapping[str, object]], *, strict: bool = False
+    campaign: Campaign,
+    rows: Iterable[Mapping[str, object]],
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
 ) -> IngestReport:
     """Add recipients from ``{"email": ..., "context": {...}}`` mappings (``line`` in
     the report is the 1-based position). See ``ingest_csv``."""
     source = _RowsReader(rows)
     # No thread here: the caller's iterable may read the database, which must happen on
     # this thread's connection and inside its transaction.
-    return _ingest(campaign, source, _Inline(source.prepared()), strict, "recipients")
+    chunks = _Inline(source.prepared())
+    return _ingest(campaign, source, chunks, strict, "recipients", time_limit)
 
 
 def _ingest(
@@ -491,13 +510,17 @@ def _ingest(
     chunks: _Prefetch | _Inline,
     strict: bool,
     field_name: str,
+    time_limit: float | None,
 ) -> IngestReport:
     """One transaction: every chunk stored, or (error, strict with bad rows) none."""
     report = IngestReport()
+    started = time.monotonic()
     try:
         with transaction.atomic():
             writer = _Writer(campaign, source.layout)
-            for chunk in chunks:
+            for number, chunk in enumerate(chunks):
+                if number and time_limit is not None:
+                    _check_time(field_name, started, time_limit, source.rows)
                 _add_errors(report, chunk.errors)
                 if chunk.count and not (strict and report.invalid):
                     _add_stored(report, chunk.count, *writer.store(chunk))
@@ -511,6 +534,17 @@ def _ingest(
     finally:
         chunks.close()
     return report
+
+
+def _check_time(field_name: str, started: float, time_limit: float, rows: int) -> None:
+    elapsed = time.monotonic() - started
+    if elapsed > time_limit:
+        raise IngestTimeLimit(
+            field_name,
+            f"too many recipients for one request: {rows:,} rows read, not finished within "
+            f"the {time_limit:g} s limit; nothing was stored. Send the list in parts (each "
+            "adds to the campaign), or use the send_campaign command",
+        )
 
 
 def _add_errors(report: IngestReport, errors: list[RowError]) -> None:

@@ -1090,15 +1090,24 @@ def create_campaign(
 
 
 def add_recipients(
-    campaign: Campaign, source: BinaryIO | Iterable[Mapping[str, object]], *, strict: bool = False
+    campaign: Campaign,
+    source: BinaryIO | Iterable[Mapping[str, object]],
+    *,
+    strict: bool = False,
+    time_limit: float | None = None,
 ) -> ingest.IngestReport:
-    """Add recipients from a CSV stream or a list of ``{"email", "context"}``."""
+    """Add recipients from a CSV stream or a list of ``{"email", "context"}``.
+
+    ``time_limit``: seconds the ingest may take before it gives up and stores nothing
+    (``ingest.IngestTimeLimit``); a web request sets it below the web server's timeout.
+    """
     if campaign.status in (Campaign.Status.COMPLETED, Campaign.Status.CANCELLED):
         raise InvalidEmailRequest("campaign", f"is {campaign.status}; recipients cannot be added")
     if hasattr(source, "read"):
-        report = ingest.ingest_csv(campaign, cast(BinaryIO, source), strict=strict)
+        stream = cast(BinaryIO, source)
+        report = ingest.ingest_csv(campaign, stream, strict=strict, time_limit=time_limit)
     else:
-        report = ingest.ingest_rows(campaign, source, strict=strict)
+        report = ingest.ingest_rows(campaign, source, strict=strict, time_limit=time_limit)
     if campaign.status == Campaign.Status.SENDING:
         kick_dispatcher()
     return report

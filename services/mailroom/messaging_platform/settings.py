@@ -178,6 +178,19 @@ MAILROOM_API_MAX_UPLOAD_BYTES = env_int(
 )
 # Django reads at most this much of a non-file body into memory.
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAILROOM_API_MAX_BODY_BYTES
+# Seconds a web request may run before gunicorn kills its worker (deploy/gunicorn.conf.py
+# reads the same variable). Adding recipients through the API gives up after
+# MAILROOM_API_INGEST_SECONDS (default: 80 % of it) with a 413 naming the field, having
+# stored nothing, instead of a worker killed mid-request.
+MAILROOM_WEB_TIMEOUT = env_int("MAILROOM_WEB_TIMEOUT", 300, minimum=10)
+MAILROOM_API_INGEST_SECONDS = env_float(
+    "MAILROOM_API_INGEST_SECONDS", 0.8 * MAILROOM_WEB_TIMEOUT, minimum=0.1
+)
+if MAILROOM_API_INGEST_SECONDS >= MAILROOM_WEB_TIMEOUT:
+    raise ImproperlyConfigured(
+        f"MAILROOM_API_INGEST_SECONDS ({MAILROOM_API_INGEST_SECONDS:g}) must be below "
+        f"MAILROOM_WEB_TIMEOUT ({MAILROOM_WEB_TIMEOUT})"
+    )
 NINJA_PAGINATION_MAX_LIMIT = 500
 # Attachments of mail sent through email_service.backends.QueuedEmailBackend, per email;
 # they are stored with every recipient's row, so keep this modest.

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, Literal, TypeVar, cast
 
+from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
@@ -576,14 +577,22 @@ class _Source:
 
     def add_to(self, campaign: Campaign, *, strict: bool) -> ingest.IngestReport:
         """``services.add_recipients``; refused rows in strict mode raise a 422 naming each."""
+        field = "file" if self.stream is not None else "recipients"
+        # Below the web server's own timeout (MAILROOM_WEB_TIMEOUT): a list too long for
+        # one request gets a 413 naming the field, not a worker killed mid-transaction.
+        limit = settings.MAILROOM_API_INGEST_SECONDS
         try:
             if self.stream is not None:
-                report = services.add_recipients(campaign, self.stream, strict=strict)
+                report = services.add_recipients(
+                    campaign, self.stream, strict=strict, time_limit=limit
+                )
             else:
                 rows = [row.model_dump() for row in self.rows or []]
-                report = services.add_recipients(campaign, rows, strict=strict)
+                report = services.add_recipients(campaign, rows, strict=strict, time_limit=limit)
+        except ingest.IngestTimeLimit as exc:
+            errors = [{"field": field, "message": exc.message}]
+            raise ApiError(413, "too_large", f"{field}: {exc.message}", errors) from None
         except ingest.IngestError as exc:
-            field = "file" if self.stream is not None else "recipients"
             raise _invalid(field, exc.message) from None
         if not report.stored:
             listed = (
