@@ -23,6 +23,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from django.conf import settings
 
 from tests.deploy.composefile import REPO
 
@@ -345,6 +346,38 @@ def test_web_probes_healthz_for_liveness_and_readyz_for_readiness(
         allowed = config_map(objects)["ALLOWED_HOSTS"].split(",")
         assert "localhost" in allowed
         assert "web" in allowed
+
+
+QUANTITY = re.compile(r"(\d+)(Ki|Mi|Gi)?")
+
+
+def _bytes(quantity: str) -> int:
+    match = QUANTITY.fullmatch(quantity)
+    assert match, quantity
+    number, unit = match.groups()
+    return int(number) * {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}[unit]
+
+
+def test_a_web_pod_busy_with_its_longest_requests_is_neither_killed_nor_evicted(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    """Every gunicorn worker may be inside a recipient upload for up to the web timeout,
+    each with its upload spooled to /tmp: liveness must outlast that, /tmp must hold it."""
+    for objects in rendered.values():
+        config = config_map(objects)
+        deployment = find(objects, "Deployment", "web")
+        web = main_container(deployment)
+        timeout = int(config.get("MAILROOM_WEB_TIMEOUT", settings.MAILROOM_WEB_TIMEOUT))
+        live = web["livenessProbe"]
+        assert live["periodSeconds"] * live["failureThreshold"] > timeout
+        workers = int(env_of(deployment)["WEB_CONCURRENCY"])
+        upload = int(
+            config.get("MAILROOM_API_MAX_UPLOAD_BYTES", settings.MAILROOM_API_MAX_UPLOAD_BYTES)
+        )
+        [tmp] = [v for v in pod_spec(deployment)["volumes"] if v["name"] == "tmp"]
+        assert _bytes(tmp["emptyDir"]["sizeLimit"]) >= workers * upload
+        mounts = {m["mountPath"]: m["name"] for m in web["volumeMounts"]}
+        assert mounts["/tmp"] == "tmp"
 
 
 def test_workers_and_beat_probe_their_files_not_celery_inspect(
