@@ -20,10 +20,10 @@ BASE_ENV = {
 }
 
 
-def _start(**overrides: str) -> subprocess.CompletedProcess[str]:
-    code = "import django; django.setup(); print('started')"
+def _start(then: str = "print('started')", **overrides: str) -> subprocess.CompletedProcess[str]:
+    """Django set up in a fresh process with this environment, then ``then`` run."""
     return subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", f"import django; django.setup(); {then}"],
         cwd=APP_DIR,
         env=BASE_ENV | overrides,
         capture_output=True,
@@ -102,7 +102,7 @@ GUNICORN_CONF = APP_DIR.parents[1] / "deploy" / "gunicorn.conf.py"
 def _gunicorn_timeout(metrics_dir: Path, **overrides: str) -> int:
     """The ``timeout`` gunicorn takes from deploy/gunicorn.conf.py with this environment
     (``metrics_dir``: so that loading the file makes no directory of its own)."""
-    code = f"import runpy, sys; print(runpy.run_path({str(GUNICORN_CONF)!r})['timeout'])"
+    code = f"import runpy; print(runpy.run_path({str(GUNICORN_CONF)!r})['timeout'])"
     result = subprocess.run(
         [sys.executable, "-c", code],
         env=BASE_ENV | {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)} | overrides,
@@ -117,16 +117,9 @@ def _gunicorn_timeout(metrics_dir: Path, **overrides: str) -> int:
 
 def _ingest_seconds(**overrides: str) -> float:
     code = "from django.conf import settings as s; print(s.MAILROOM_API_INGEST_SECONDS)"
-    done = subprocess.run(
-        [sys.executable, "-c", f"import django; django.setup(); {code}"],
-        cwd=APP_DIR,
-        env=BASE_ENV | overrides,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return float(done.stdout)
+    result = _start(code, **overrides)
+    assert result.returncode == 0, result.stderr
+    return float(result.stdout)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"MAILROOM_WEB_TIMEOUT": "120"}])
