@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
+
+from tests.support.processes import free_port as free_port  # the scripts import both from here
+from tests.support.processes import wait_until as wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "services" / "mailroom"
@@ -46,20 +46,6 @@ def setup_django(env: dict[str, str]) -> None:
     import django
 
     django.setup()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Child:

@@ -11,16 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.processes import APP_DIR, Role, beat, web, worker
+from tests.support.processes import APP_DIR, Role, beat, free_port, wait_until, web, worker
 from tests.support.smtp_sink import SMTPSink
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -52,20 +49,6 @@ CHAOS_ENV = {
     "LOG_LEVEL": "WARNING",
     "PYTHONUNBUFFERED": "1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def _as_postgres(argv: list[str]) -> list[str]:

@@ -7,14 +7,8 @@ gunicorn), so they all talk to the same private Redis, test database and SMTP si
 from __future__ import annotations
 
 import os
-import socket
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
+from tests.support.processes import free_port
 
 TEST_ENV = {
     "SECRET_KEY": "test-secret-key-not-for-production",
@@ -22,8 +16,8 @@ TEST_ENV = {
     "ALLOWED_HOSTS": "localhost,127.0.0.1,testserver",
     "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/mailroom_tests",
     # A private redis-server on a free port, started by the tests' conftest.
-    "MAILROOM_TEST_REDIS_PORT": str(_free_port()),
-    "MAILROOM_TEST_SMTP_PORT": str(_free_port()),
+    "MAILROOM_TEST_REDIS_PORT": str(free_port()),
+    "MAILROOM_TEST_SMTP_PORT": str(free_port()),
     "EMAIL_HOST": "127.0.0.1",
     "EMAIL_TIMEOUT": "2",
     "DEFAULT_FROM_EMAIL": "Mailroom Tests <noreply@mailroom.example.com>",

@@ -128,8 +128,10 @@ class DevRun:
 
     def wait_for(self, predicate: Callable[[], object], timeout: float, what: str) -> None:
         try:
-            wait_until(lambda: self.proc.poll() is not None or predicate(), timeout, 0.2, what)
-        except AssertionError as exc:
+            wait_until(
+                lambda: self.proc.poll() is not None or predicate(), timeout, what, interval=0.2
+            )
+        except TimeoutError as exc:
             message = f"{exc}{self.tail()}"
         else:
             if self.proc.poll() is None:

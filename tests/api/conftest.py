@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -11,13 +11,7 @@ import pytest
 import requests
 
 from email_service import services
-from tests.support.processes import Role, web
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support.processes import Role, free_port, web
 
 
 @dataclass
@@ -46,15 +40,23 @@ class ApiClient:
         return self.request("DELETE", path, **kwargs)
 
 
-@pytest.fixture
-def api_server(role_env: dict[str, str], redis_server: object) -> Iterator[str]:
-    """gunicorn (as deployed) on a free port, pointed at the test database."""
-    port = _free_port()
-    role: Role = web(role_env, port).start()
+@contextlib.contextmanager
+def serve_api(role_env: dict[str, str], **settings: str) -> Iterator[str]:
+    """gunicorn (as deployed) on a free port, pointed at the test database, with these
+    environment settings on top of the test ones; yields its base URL."""
+    port = free_port()
+    role: Role = web({**role_env, **settings}, port).start()
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         role.stop()
+
+
+@pytest.fixture
+def api_server(role_env: dict[str, str], redis_server: object) -> Iterator[str]:
+    """gunicorn (as deployed) on a free port, pointed at the test database."""
+    with serve_api(role_env) as url:
+        yield url
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@ database, Redis, and — for delivery — real Celery workers, beat and an SMTP 
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -15,9 +13,9 @@ import requests
 from django.utils import timezone
 
 from email_service.models import Campaign, Message
-from tests.api.conftest import ApiClient
+from tests.api.conftest import ApiClient, serve_api
 from tests.conftest import wait_for
-from tests.support.processes import Role, web
+from tests.support.processes import Role
 from tests.support.smtp_sink import SMTPSink
 
 URL = "/api/v1/campaigns"
@@ -528,31 +526,14 @@ def test_a_big_upload_is_streamed_from_disk_into_the_campaign(client: ApiClient)
     assert message.context == {"name": "B2999", "notes": padding}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _server_with(role_env: dict[str, str], key: str, **settings: str) -> Iterator[ApiClient]:
-    """gunicorn as deployed, with these environment settings on top of the test ones."""
-    port = _free_port()
-    role = web({**role_env, **settings}, port).start()
-    try:
-        yield ApiClient(f"http://127.0.0.1:{port}", key)
-    finally:
-        role.stop()
-
-
 @pytest.fixture
 def small_limits_client(
     role_env: dict[str, str], redis_server: object, make_key: Callable[..., str]
 ) -> Iterator[ApiClient]:
     """A server that takes uploads and bodies of at most 2 KiB."""
     limits = {"MAILROOM_API_MAX_UPLOAD_BYTES": "2048", "MAILROOM_API_MAX_BODY_BYTES": "2048"}
-    with _server_with(role_env, make_key("campaigns"), **limits) as client:
-        yield client
+    with serve_api(role_env, **limits) as url:
+        yield ApiClient(url, make_key("campaigns"))
 
 
 @pytest.fixture
@@ -560,8 +541,8 @@ def short_ingest_client(
     role_env: dict[str, str], redis_server: object, make_key: Callable[..., str]
 ) -> Iterator[ApiClient]:
     """A server whose requests may spend at most 0.2 s adding recipients."""
-    with _server_with(role_env, make_key("campaigns"), MAILROOM_API_INGEST_SECONDS="0.2") as client:
-        yield client
+    with serve_api(role_env, MAILROOM_API_INGEST_SECONDS="0.2") as url:
+        yield ApiClient(url, make_key("campaigns"))
 
 
 def test_an_upload_or_body_over_the_limit_is_413(small_limits_client: ApiClient) -> None:

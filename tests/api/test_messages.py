@@ -12,9 +12,9 @@ import requests
 
 from email_service import services
 from email_service.models import Message
-from tests.api.conftest import ApiClient, _free_port
+from tests.api.conftest import ApiClient, serve_api
 from tests.conftest import settle, wait_for
-from tests.support.processes import Role, web
+from tests.support.processes import Role
 from tests.support.smtp_sink import SMTPSink
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -371,12 +371,8 @@ def test_a_key_over_its_rate_gets_429_with_retry_after(
 @pytest.fixture
 def small_body_server(role_env: dict[str, str], redis_server: object) -> Iterator[str]:
     """A server whose body limit is 1 KiB (the smallest the setting allows)."""
-    port = _free_port()
-    role = web({**role_env, "MAILROOM_API_MAX_BODY_BYTES": "1024"}, port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        role.stop()
+    with serve_api(role_env, MAILROOM_API_MAX_BODY_BYTES="1024") as url:
+        yield url
 
 
 def test_a_body_over_the_limit_is_a_413(

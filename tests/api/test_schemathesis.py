@@ -30,8 +30,8 @@ from schemathesis.checks import (
 )
 
 from email_service.api import api
-from tests.api.conftest import _free_port
-from tests.support.processes import RedisServer, web
+from tests.api.conftest import serve_api
+from tests.support.processes import RedisServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -61,12 +61,8 @@ def served(django_db_setup: None, redis_process: RedisServer) -> Iterator[str]:
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("PYTEST_CURRENT_TEST", None)
-    port = _free_port()
-    role = web(env, port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        role.stop()
+    with serve_api(env) as url:
+        yield url
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -11,7 +10,7 @@ from django.test import Client
 
 from email_service import services
 from email_service.models import Campaign
-from tests.support.processes import Role, web
+from tests.support.processes import Role, free_port, web
 
 PASSWORD = "correct horse battery staple"
 
@@ -48,16 +47,10 @@ def make_campaign(name: str = "Spring", count: int = 3, start: bool = False) -> 
     return campaign
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def web_server(role_env: dict[str, str], redis_server: object) -> Iterator[str]:
     """gunicorn as deployed (two workers) on a free port, against the test database."""
-    port = _free_port()
+    port = free_port()
     role: Role = web(role_env, port).start()
     try:
         yield f"http://127.0.0.1:{port}"

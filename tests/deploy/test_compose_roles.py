@@ -18,7 +18,6 @@ import http.client
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -42,7 +41,7 @@ from tests.deploy.composefile import (
     environment,
     load,
 )
-from tests.support.processes import APP_DIR, Role, wait_until
+from tests.support.processes import APP_DIR, Role, free_port, wait_until
 from tests.support.smtp_sink import SMTPSink
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -136,12 +135,6 @@ def _local_path(arg: str) -> str:
     return str(REPO / arg[len(IMAGE_ROOT) + 1 :]) if arg.startswith(f"{IMAGE_ROOT}/") else arg
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def stack(transactional_db: None, smtp_sink: SMTPSink, tmp_path: Path) -> Stack:
     db = settings.DATABASES["default"]
@@ -151,7 +144,7 @@ def stack(transactional_db: None, smtp_sink: SMTPSink, tmp_path: Path) -> Stack:
         database_url=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
         redis_url=os.environ["REDIS_URL"],
         smtp_port=int(os.environ["MAILROOM_TEST_SMTP_PORT"]),
-        ports={"web": _free_port(), "flower": _free_port()},
+        ports={"web": free_port(), "flower": free_port()},
     )
 
 
@@ -367,7 +360,7 @@ def test_beat_is_unhealthy_once_its_schedule_stops_changing(tmp_path: Path) -> N
 
 
 def test_web_and_flower_are_unhealthy_when_nothing_answers() -> None:
-    port = str(_free_port())
+    port = str(free_port())
     down = _check("web", "--ready", env={"MAILROOM_WEB_BIND": f"0.0.0.0:{port}"})
     assert down.returncode == 1
     assert f"GET /readyz on port {port}" in down.stderr

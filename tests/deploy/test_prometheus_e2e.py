@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import time
 import urllib.parse
 import urllib.request
@@ -22,17 +21,11 @@ from more_itertools import chunked
 
 from email_service.tasks import send_bulk_email_batch, send_high_priority_email
 from tests.conftest import wait_for
-from tests.support.processes import REPO, Role, prometheus, web
+from tests.support.processes import REPO, Role, free_port, prometheus, web
 from tests.support.smtp_sink import SMTPSink
 
 pytestmark = pytest.mark.django_db(transaction=True)
 TOKEN = "scrape-token-for-tests"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _dashboard_exprs() -> list[str]:
@@ -89,7 +82,7 @@ def test_prometheus_scrapes_a_delivery_run_and_every_query_has_data(
     tmp_path: Path,
 ) -> None:
     assert shutil.which("prometheus"), "install Debian's prometheus (the CI script does)"
-    web_port, prom_port = _free_port(), _free_port()
+    web_port, prom_port = free_port(), free_port()
     env = role_env | {"MAILROOM_METRICS_TOKEN": TOKEN}
     web_role = web(env, web_port)
     prom = prometheus(_scrape_config(tmp_path, web_port), tmp_path / "data", prom_port)

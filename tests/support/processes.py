@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,15 +16,25 @@ APP_DIR = REPO / "services" / "mailroom"
 OUTPUT_DIR = REPO / "test-output"
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def wait_until(
-    predicate: Callable[[], object], timeout: float, interval: float = 0.1, what: str = ""
+    predicate: Callable[[], object], timeout: float, what: str = "", *, interval: float = 0.1
 ) -> None:
+    """Poll ``predicate`` until it is true; TimeoutError naming ``what`` after ``timeout``.
+
+    Shared by the tests, chaos/ and bench/ (which import it from here)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+    raise TimeoutError(f"timed out after {timeout:g}s waiting for {what or predicate}")
 
 
 class Role:
