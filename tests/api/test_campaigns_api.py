@@ -513,6 +513,27 @@ def test_unusable_uploads_are_422_with_a_clear_reason(
     _nothing_stored()
 
 
+def test_a_header_of_1700_columns_is_422_naming_the_file_and_stores_nothing(
+    client: ApiClient,
+) -> None:
+    # It was a 500 (psycopg TooManyColumns: the staging table has a column per CSV column).
+    header = ",".join(["email", *(f"var{i}" for i in range(1_699))])
+    content = _csv(header, "ann@example.com" + ",x" * 1_699, "bob@example.com" + ",y" * 1_699)
+    response = _upload(client, content)
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["error"] == "invalid"
+    assert [e["field"] for e in body["errors"]] == ["file"]
+    assert "the header has 1,700 columns: at most 200 besides 'email'" in body["detail"]
+    _nothing_stored()
+
+    draft = _created(client.post(URL, json=_body()))
+    added = _upload(client, content, path=f"{URL}/{draft['id']}/recipients")
+    assert added.status_code == 422, added.text
+    assert [e["field"] for e in added.json()["errors"]] == ["file"]
+    assert Message.objects.count() == 0
+
+
 def test_a_big_upload_is_streamed_from_disk_into_the_campaign(client: ApiClient) -> None:
     # Over Django's FILE_UPLOAD_MAX_MEMORY_SIZE (2.5 MB): spooled to a temporary file.
     padding = "x" * 900

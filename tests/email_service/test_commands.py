@@ -168,6 +168,25 @@ def test_bad_arguments_exit_non_zero_with_one_line_and_store_nothing(
     assert Message.objects.count() == 0
 
 
+def test_send_campaign_refuses_a_csv_of_1700_columns_in_one_line_and_stores_nothing(
+    role_env: dict[str, str], tmp_path: Path
+) -> None:
+    # It was a traceback (psycopg TooManyColumns from the staging table).
+    wide = tmp_path / "wide.csv"
+    header = ",".join(["email", *(f"var{i}" for i in range(1_699))])
+    wide.write_text(f"{header}\nann@example.com{',x' * 1_699}\n")
+    run = _manage(
+        role_env, "send_campaign", "--csv", str(wide), "--template", "newsletter", "--subject", "Hi"
+    )
+    assert run.returncode != 0
+    assert run.stdout == ""
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert "the header has 1,700 columns: at most 200 besides 'email'" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert Campaign.objects.count() == 0
+    assert Message.objects.count() == 0
+
+
 def test_send_email_prints_the_message_id_and_a_worker_delivers_it(
     running_worker: Role, smtp_sink: SMTPSink
 ) -> None:

@@ -264,6 +264,39 @@ def test_any_header_name_and_value_arrive_intact(campaign: Campaign) -> None:
     }
 
 
+@pytest.mark.parametrize("columns", [ingest.MAX_CONTEXT_COLUMNS + 2, 1_700, 5_000])
+def test_a_header_wider_than_the_cap_is_refused_whole(campaign: Campaign, columns: int) -> None:
+    # 1,600 columns and more were a staging table PostgreSQL refuses (TooManyColumns).
+    header = ",".join(["email", *(f"v{i}" for i in range(columns - 1))])
+    stream = _csv(header, "ann@example.com" + ",x" * (columns - 1))
+
+    with pytest.raises(IngestError) as caught:
+        ingest_csv(campaign, stream)
+
+    assert caught.value.field == "csv"
+    assert f"the header has {columns:,} columns" in caught.value.message
+    assert f"at most {ingest.MAX_CONTEXT_COLUMNS} besides 'email'" in caught.value.message
+    assert Message.objects.count() == 0
+    assert not stream.closed
+
+
+@pytest.mark.parametrize("size", [1, 40, 3_000])
+def test_the_widest_header_allowed_is_stored_whatever_the_values(
+    campaign: Campaign, size: int
+) -> None:
+    # Every value of a row in a staging column of its own: with 200 of them a row still
+    # fits in a page, short values inline or long ones as TOAST pointers.
+    names = [f"v{i}" for i in range(ingest.MAX_CONTEXT_COLUMNS)]
+    header = ",".join([*names[:100], "email", *names[100:]])
+    values = [f"{i:03d}" + "x" * size for i in range(ingest.MAX_CONTEXT_COLUMNS)]
+    row = ",".join([*values[:100], "ann@example.com", *values[100:]])
+
+    report = ingest_csv(campaign, _csv(header, row))
+
+    assert report.accepted == 1
+    assert _stored(campaign)["ann@example.com"].context == dict(zip(names, values, strict=True))
+
+
 def test_ingesting_the_same_file_twice_adds_nothing(campaign: Campaign) -> None:
     lines = ["email,name"] + [f"u{i}@example.com,U{i}" for i in range(500)]
 

@@ -16,6 +16,11 @@ campaign dispatcher hands the new ``queued`` rows to workers.
 
 Addresses go through ``validation.fast_normalize`` (the common ASCII form) and through
 ``validation.validator_normalize`` (email-validator) for everything else.
+
+A CSV has at most ``MAX_CONTEXT_COLUMNS`` columns besides ``email``: each one is a column of
+the staging table (PostgreSQL allows 1,600 a table, and fewer still once every value of a
+row needs its own TOAST pointer) and a variable of every recipient's context. A wider
+header refuses the upload before any SQL.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ CHUNK_ROWS = 10_000
 MESSAGE = Message._meta.db_table
 SUPPRESSION = Suppression._meta.db_table
 EMAIL_COLUMN = "email"
+# Template variables a CSV may give each recipient (its columns besides ``email``).
+MAX_CONTEXT_COLUMNS = 200
 ROW_KEYS = frozenset({"email", "context"})
 LOCK_CLASS = 0x6D72_6967  # "mrig": the advisory-lock namespace of ingests (per campaign)
 
@@ -274,6 +281,12 @@ class _CsvReader(_Reader):
 def _csv_layout(header: list[str]) -> _Layout:
     """Staging columns c0..cN follow the CSV's; the context is built from all but email."""
     names = [name.strip() for name in header]
+    if len(names) > MAX_CONTEXT_COLUMNS + 1:
+        raise IngestError(
+            "csv",
+            f"the header has {len(names):,} columns: at most {MAX_CONTEXT_COLUMNS} besides "
+            f"{EMAIL_COLUMN!r} are allowed (each one becomes a template variable)",
+        )
     email = _email_column(names)
     columns = [sql.SQL("s.{}").format(sql.Identifier(f"c{i}")) for i in range(len(names))]
     values = [column for i, column in enumerate(columns) if i != email]
@@ -473,7 +486,8 @@ def ingest_csv(
     time_limit: float | None = None,
 ) -> IngestReport:
     """Add the recipients of a CSV file (a header row with an ``email`` column; every
-    other column becomes that recipient's template context, as strings).
+    other column, ``MAX_CONTEXT_COLUMNS`` at most, becomes that recipient's template
+    context, as strings).
 
     Raises IngestError (field ``csv``) when the upload as a whole is unusable; bad rows
     are listed in the report and skipped, or, with ``strict``, nothing is stored. With

@@ -10,6 +10,10 @@ The client address is ``REMOTE_ADDR``: behind a reverse proxy every client has t
 proxy's, and the limit works per username alone. If Redis does not answer, sign-ins are
 not throttled (and a warning is logged): the passwords' slow hash still stands, and an
 operator must be able to sign in to see that Redis is down.
+
+``staff_page`` and ``staff_action`` guard every dashboard view; they also answer a 400
+page to a query or form field holding a NUL character (``unstorable_field``), which
+PostgreSQL could neither compare with nor store.
 """
 
 from __future__ import annotations
@@ -156,9 +160,28 @@ def _staff_only(view: View, *, back_here: bool) -> View:
             return redirect_to_login(back)
         if not (user.is_active and user.is_staff):
             return render(request, "dashboard/forbidden.html", status=403)
+        field = unstorable_field(request)
+        if field is not None:
+            context = {"field": field}
+            return render(request, "dashboard/bad_request.html", context, status=400)
         return view(request, *args, **kwargs)
 
     return guarded
+
+
+def unstorable_field(request: HttpRequest) -> str | None:
+    """The name of the first query or form field holding a NUL character, or None.
+
+    PostgreSQL refuses NUL in text (a query that compares with one fails, a row that holds
+    one is not stored) and no address, search or note needs one: every view behind
+    ``staff_page`` / ``staff_action`` is spared such input, and the operator gets a 400
+    page naming the field instead of a 500.
+    """
+    for data in (request.GET, request.POST):
+        for name, values in data.lists():
+            if "\x00" in name or any("\x00" in value for value in values):
+                return name.replace("\x00", "\N{REPLACEMENT CHARACTER}")
+    return None
 
 
 def staff_page(view: View) -> View:

@@ -2,9 +2,10 @@
 [--strict] [--wait]``: create a campaign from a CSV file, start it, and optionally watch
 it to the end.
 
-The CSV has a header row with an ``email`` column; every other column becomes that
-recipient's template context. The campaign is created and the file ingested in one
-transaction: a missing or unusable file, an unknown template or (with ``--strict``) any
+The CSV has a header row with an ``email`` column; every other column (at most
+``ingest.MAX_CONTEXT_COLUMNS``, 200) becomes that recipient's template context. The
+campaign is created and the file ingested in one transaction: a missing or unusable file
+(a header with too many columns included), an unknown template or (with ``--strict``) any
 invalid row stores nothing.
 """
 
