@@ -21,6 +21,8 @@ TEST_ENV = {
     "EMAIL_HOST": "127.0.0.1",
     "EMAIL_TIMEOUT": "2",
     "DEFAULT_FROM_EMAIL": "Mailroom Tests <noreply@mailroom.example.com>",
+    # Senders the tests use; tests of the sender rule set their own lists.
+    "MAILROOM_ALLOWED_SENDERS": "mailroom.example.com,example.com",
     # Short clocks so that failure recovery happens within a test's patience.
     "MAILROOM_LEASE_SECONDS": "8",
     "MAILROOM_STALE_QUEUED_SECONDS": "2",

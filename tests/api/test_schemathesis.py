@@ -88,3 +88,64 @@ def test_the_api_matches_its_document_and_never_fails(
     case: Case, served: str, admin_headers: dict[str, str]
 ) -> None:
     case.call_and_validate(base_url=served, headers=admin_headers, checks=CHECKS)
+
+
+# Inputs a probe found accepted (or answered with a 500) before: each must be a 4xx that
+# matches the document, like every generated case.
+_WIDE_CSV = (",".join(["email", *(f"c{i}" for i in range(1700))]) + "\nann@example.com\n").encode()
+_MESSAGE = {"to": "ann@example.com", "subject": "Hi", "template": "welcome"}
+_CAMPAIGN = {"name": "Spring", "subject": "News", "template": "newsletter"}
+_BREAKERS = ("\x0b", "\x0c", "\x1c", "\x1d", "\x85", "\u2028", "\u2029")
+Seed = tuple[str, str, dict[str, object]]
+_SUBJECTS: list[Seed] = [
+    ("/api/v1/messages", "POST", {"body": {**_MESSAGE, "subject": f"Hi{c}Bcc: x@x.net"}})
+    for c in _BREAKERS
+]
+SEEDED: list[Seed] = [
+    *_SUBJECTS,
+    (
+        "/api/v1/messages",
+        "POST",
+        {"body": {**_MESSAGE, "from_email": '"Evil\u2028Bcc: x@example.net" <a@example.com>'}},
+    ),
+    ("/api/v1/messages", "POST", {"body": {**_MESSAGE, "from_email": "a@example.com, b@x.net"}}),
+    ("/api/v1/messages", "POST", {"body": {**_MESSAGE, "to": "user%evil.net@example.com"}}),
+    ("/api/v1/messages", "POST", {"body": {**_MESSAGE, "template": "base"}}),
+    ("/api/v1/campaigns", "POST", {"body": {**_CAMPAIGN, "subject": "News\x1dBcc: x@x.net"}}),
+    (
+        "/api/v1/campaigns",
+        "POST",
+        {
+            "body": {**{k: str(v) for k, v in _CAMPAIGN.items()}, "file": _WIDE_CSV},
+            "media_type": "multipart/form-data",
+        },
+    ),
+    (
+        "/api/v1/templates/{name}/preview",
+        "POST",
+        {
+            "path_parameters": {"name": "welcome"},
+            "body": {"subject": "{% for a in 'abcdefghij' %}" * 7 + "x" + "{% endfor %}" * 7},
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "case_args"),
+    SEEDED,
+    ids=[f"{method} {path} #{i}" for i, (path, method, _) in enumerate(SEEDED)],
+)
+def test_hostile_inputs_found_by_a_probe_are_4xx_that_match_the_document(
+    path: str,
+    method: str,
+    case_args: dict[str, object],
+    served: str,
+    admin_headers: dict[str, str],
+) -> None:
+    arguments = {"media_type": "application/json", **case_args}
+    case = schema[path][method].Case(**arguments)  # type: ignore[arg-type]
+    response = case.call(base_url=served, headers=admin_headers)
+
+    case.validate_response(response, checks=CHECKS)
+    assert 400 <= response.status_code < 500, response.text

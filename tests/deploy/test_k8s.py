@@ -12,9 +12,12 @@ rather than skip; .ci/run installs it.
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -546,6 +549,52 @@ def test_prod_uses_external_services_named_in_the_secret(rendered: dict[str, lis
     assert config["MAILROOM_PUBLIC_URL"].startswith("https://")
     namespace = find(prod, "Namespace", "mailroom")["metadata"]["labels"]
     assert namespace["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+# What k8s/overlays/prod sets for HTTPS (messaging_platform/settings.py reads them).
+PROD_HTTPS = {
+    "SESSION_COOKIE_SECURE": "true",
+    "CSRF_COOKIE_SECURE": "true",
+    "SECURE_SSL_REDIRECT": "true",
+    "MAILROOM_TRUST_X_FORWARDED_PROTO": "true",
+    "SECURE_HSTS_SECONDS": "31536000",
+    "SECURE_HSTS_INCLUDE_SUBDOMAINS": "true",
+}
+
+
+def test_prod_serves_https_only_and_dev_plain_http(rendered: dict[str, list[Obj]]) -> None:
+    prod = config_map(rendered["prod"])
+    for name, value in PROD_HTTPS.items():
+        assert prod.get(name) == value, name
+    assert prod["CSRF_TRUSTED_ORIGINS"].split(",") == [prod["MAILROOM_PUBLIC_URL"]]
+    # The dev overlay is reached through `kubectl port-forward`, over http.
+    dev = config_map(rendered["dev"])
+    assert not {name for name in (*PROD_HTTPS, "CSRF_TRUSTED_ORIGINS") if name in dev}
+
+
+def test_check_deploy_finds_no_https_warning_in_the_prod_config(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    env = {
+        "PATH": os.environ["PATH"],
+        "DJANGO_SETTINGS_MODULE": "messaging_platform.settings",
+        # From mailroom-secrets in the cluster.
+        "SECRET_KEY": secrets.token_urlsafe(50),
+        **config_map(rendered["prod"]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy"],
+        cwd=REPO / "services" / "mailroom",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    found = set(re.findall(r"security\.W\d+", proc.stdout + proc.stderr))
+    # W021: no HSTS preload, on purpose (see the overlay).
+    assert found <= {"security.W021"}, proc.stdout + proc.stderr
 
 
 def test_images_are_pinned(rendered: dict[str, list[Obj]]) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +60,15 @@ def test_the_defaults_start() -> None:
         (
             {"MAILROOM_WEB_TIMEOUT": "60", "MAILROOM_API_INGEST_SECONDS": "60"},
             "MAILROOM_API_INGEST_SECONDS (60) must be below MAILROOM_WEB_TIMEOUT (60)",
+        ),
+        ({"SESSION_COOKIE_SECURE": "sure"}, "SESSION_COOKIE_SECURE must be a boolean"),
+        ({"SECURE_HSTS_SECONDS": "-1"}, "SECURE_HSTS_SECONDS must be at least 0"),
+        ({"SECURE_HSTS_SECONDS": "1y"}, "SECURE_HSTS_SECONDS must be an integer"),
+        ({"MAILROOM_TRUST_X_FORWARDED_PROTO": "maybe"}, "MAILROOM_TRUST_X_FORWARDED_PROTO must"),
+        (
+            {"CSRF_TRUSTED_ORIGINS": "https://ok.example.com,mail.example.com"},
+            "CSRF_TRUSTED_ORIGINS must be origins such as https://mail.example.com, "
+            "got 'mail.example.com'",
         ),
     ],
 )
@@ -131,3 +142,121 @@ def test_the_api_stops_adding_recipients_before_gunicorn_would_kill_the_worker(
     timeout = _gunicorn_timeout(tmp_path, **overrides)
     assert timeout == int(overrides.get("MAILROOM_WEB_TIMEOUT", "300"))
     assert _ingest_seconds(**overrides) <= 0.8 * timeout
+
+
+# --------------------------------------------------------------------------------------
+# HTTPS hardening: `manage.py check --deploy` as an operator runs it before going live
+# --------------------------------------------------------------------------------------
+
+SECURE_ENV = {
+    "SESSION_COOKIE_SECURE": "true",
+    "CSRF_COOKIE_SECURE": "true",
+    "SECURE_SSL_REDIRECT": "true",
+    "SECURE_HSTS_SECONDS": "31536000",
+    "SECURE_HSTS_INCLUDE_SUBDOMAINS": "true",
+    "SECURE_HSTS_PRELOAD": "true",
+    "MAILROOM_TRUST_X_FORWARDED_PROTO": "true",
+    "CSRF_TRUSTED_ORIGINS": "https://mail.example.com",
+}
+# The warnings each of the secure settings above silences, off.
+INSECURE_WARNINGS = ("security.W004", "security.W008", "security.W012", "security.W016")
+
+
+def _production_env(**overrides: str) -> dict[str, str]:
+    """Outside debug, a long random key, a real host name, and the secure settings."""
+    return {
+        "DEBUG": "false",
+        "SECRET_KEY": secrets.token_urlsafe(50),
+        "ALLOWED_HOSTS": "mail.example.com",
+        **SECURE_ENV,
+        **overrides,
+    }
+
+
+def _check_deploy(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=APP_DIR,
+        env=BASE_ENV | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_deploy_finds_nothing_in_the_production_environment() -> None:
+    result = _check_deploy(_production_env())
+    assert result.returncode == 0, result.stderr
+    assert "System check identified no issues" in result.stdout
+
+
+def test_check_deploy_names_each_secure_setting_left_off() -> None:
+    off = dict.fromkeys(SECURE_ENV, "")
+    result = _check_deploy(_production_env(**off))
+    assert result.returncode != 0
+    for warning in INSECURE_WARNINGS:
+        assert warning in result.stderr, warning
+
+
+SECURE_SETTINGS = (
+    "SESSION_COOKIE_SECURE",
+    "CSRF_COOKIE_SECURE",
+    "SECURE_SSL_REDIRECT",
+    "SECURE_HSTS_SECONDS",
+    "SECURE_HSTS_INCLUDE_SUBDOMAINS",
+    "SECURE_HSTS_PRELOAD",
+    "SECURE_PROXY_SSL_HEADER",
+    "CSRF_TRUSTED_ORIGINS",
+    "SECURE_CONTENT_TYPE_NOSNIFF",
+    "SECURE_REDIRECT_EXEMPT",
+)
+
+
+def _secure_settings(**overrides: str) -> dict[str, object]:
+    code = (
+        "import json; from django.conf import settings as s; "
+        f"print(json.dumps({{n: getattr(s, n) for n in {SECURE_SETTINGS!r}}}))"
+    )
+    result = _start(code, **overrides)
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def test_the_secure_settings_are_off_by_default_outside_debug_too() -> None:
+    """`make dev`, the tests and `docker compose up` serve http on localhost."""
+    for debug in ("true", "false"):
+        assert _secure_settings(DEBUG=debug) == {
+            "SESSION_COOKIE_SECURE": False,
+            "CSRF_COOKIE_SECURE": False,
+            "SECURE_SSL_REDIRECT": False,
+            "SECURE_HSTS_SECONDS": 0,
+            "SECURE_HSTS_INCLUDE_SUBDOMAINS": False,
+            "SECURE_HSTS_PRELOAD": False,
+            "SECURE_PROXY_SSL_HEADER": None,
+            "CSRF_TRUSTED_ORIGINS": [],
+            "SECURE_CONTENT_TYPE_NOSNIFF": True,
+            "SECURE_REDIRECT_EXEMPT": ["^healthz$", "^readyz$", "^metrics$"],
+        }
+
+
+def test_each_secure_setting_comes_from_its_variable() -> None:
+    values = _secure_settings(
+        **SECURE_ENV
+        | {
+            "CSRF_TRUSTED_ORIGINS": "https://mail.example.com, https://mail.example.org:8443",
+            "SECURE_CONTENT_TYPE_NOSNIFF": "false",
+        }
+    )
+    assert values == {
+        "SESSION_COOKIE_SECURE": True,
+        "CSRF_COOKIE_SECURE": True,
+        "SECURE_SSL_REDIRECT": True,
+        "SECURE_HSTS_SECONDS": 31536000,
+        "SECURE_HSTS_INCLUDE_SUBDOMAINS": True,
+        "SECURE_HSTS_PRELOAD": True,
+        "SECURE_PROXY_SSL_HEADER": ["HTTP_X_FORWARDED_PROTO", "https"],
+        "CSRF_TRUSTED_ORIGINS": ["https://mail.example.com", "https://mail.example.org:8443"],
+        "SECURE_CONTENT_TYPE_NOSNIFF": False,
+        "SECURE_REDIRECT_EXEMPT": ["^healthz$", "^readyz$", "^metrics$"],
+    }

@@ -30,6 +30,8 @@ _ALPHABET = string.ascii_letters + string.digits
 PREFIX_LENGTH = 8
 SECRET_LENGTH = 32
 RATE_KEY = "mailroom:apikey:rate:{prefix}:{window}"
+# Failed authentications per client address (hashed) and minute.
+FAILURES_KEY = "mailroom:apikey:failures:{address}:{window}"
 # last_used_at is written at most this often per key, not on every request.
 TOUCH_EVERY_SECONDS = 60
 
@@ -58,7 +60,15 @@ def split(key: str) -> str | None:
     return parts[1]
 
 
-_LOADED = ["id", "prefix", "key_hash", "scopes", "rate_limit_per_minute", "last_used_at"]
+_LOADED = [
+    "id",
+    "prefix",
+    "key_hash",
+    "scopes",
+    "rate_limit_per_minute",
+    "allowed_senders",
+    "last_used_at",
+]
 
 
 def _live_key_sql() -> str:
@@ -90,13 +100,13 @@ def authenticate(key: str) -> ApiKey | None:
         row = cursor.fetchone()
     if row is None or not hmac.compare_digest(row[1], digest(key)):
         return None
-    key_id, key_hash, scopes, rate_limit, last_used_at = row
-    # jsonb arrives as text (Django decodes it in JSONField.from_db_value).
-    scopes = json.loads(scopes) if isinstance(scopes, str | bytes) else scopes
+    key_id, key_hash, scopes, rate_limit, senders, last_used_at = row
     # from_db, as a QuerySet would: the other columns are deferred (loaded if read),
     # and a save() writes only the loaded ones.
     found = ApiKey.from_db(
-        alias, _LOADED, [key_id, prefix, key_hash, scopes, rate_limit, last_used_at]
+        alias,
+        _LOADED,
+        [key_id, prefix, key_hash, _json(scopes), rate_limit, _json(senders), last_used_at],
     )
     now = timezone.now()
     if (
@@ -105,6 +115,11 @@ def authenticate(key: str) -> ApiKey | None:
     ):
         ApiKey.objects.filter(pk=found.pk).update(last_used_at=now)
     return found
+
+
+def _json(value: object) -> object:
+    """jsonb arrives as text (Django decodes it in JSONField.from_db_value)."""
+    return json.loads(value) if isinstance(value, str | bytes) else value
 
 
 @dataclass(frozen=True)
@@ -131,6 +146,30 @@ def check_rate(api_key: ApiKey) -> RateDecision:
         used = int(pipe.execute()[0])
     except redis.RedisError:
         logger.warning("API rate limit not checked: Redis unavailable")
+        return RateDecision(True, limit, limit, 0)
+    retry_after = max(1, 60 - int(time.time() % 60))
+    return RateDecision(used <= limit, limit, max(0, limit - used), retry_after)
+
+
+def count_failure(address: str) -> RateDecision:
+    """Count one failed authentication from ``address`` (a fixed one-minute window in
+    Redis). Past MAILROOM_API_AUTH_FAILURES_PER_MINUTE the caller answers 429.
+
+    Only failures are counted, so a valid request pays nothing for this; a valid key is
+    still served from a throttled address (clients behind one NAT or proxy share it).
+    With Redis unreachable the failure is not counted.
+    """
+    limit = settings.MAILROOM_API_AUTH_FAILURES_PER_MINUTE
+    window = int(time.time() // 60)
+    hashed = hashlib.sha256(address.encode()).hexdigest()[:32]
+    key = FAILURES_KEY.format(address=hashed, window=window)
+    try:
+        pipe = redisstore.client().pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, 61)
+        used = int(pipe.execute()[0])
+    except redis.RedisError:
+        logger.warning("API authentication failures not counted: Redis unavailable")
         return RateDecision(True, limit, limit, 0)
     retry_after = max(1, 60 - int(time.time() % 60))
     return RateDecision(used <= limit, limit, max(0, limit - used), retry_after)

@@ -14,3 +14,7 @@ class IdempotencyConflict(Exception):
         super().__init__(f"Idempotency-Key {key!r} was already used for a different request")
         self.key = key
         self.message_id = message_id
+
+
+class SenderNotAllowed(InvalidEmailRequest):
+    """A sender outside what the caller (its API key, or the process's settings) may use."""

@@ -109,9 +109,21 @@ class Message(models.Model):
     # Why a message ended without a send: "expired", "cancelled", "unsubscribed", ...
     status_reason = models.CharField(max_length=200, blank=True, default="")
     message_id_header = models.CharField(max_length=998)
-    # Unique where set (msg_idempotency_key_unique, partial): campaign and most API rows
-    # have none and cost that index nothing. NULL, not "", is "no key".
+    # Unique per API key where set (msg_idempotency_key_unique, partial): campaign and
+    # most API rows have none and cost that index nothing. NULL, not "", is "no key".
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001
+    # The API key that sent it (NULL: Python calls, the email backend, commands, and rows
+    # from before keys were recorded). Idempotency keys are scoped by it. Keys are
+    # revoked, never deleted, so PROTECT costs nothing in practice; no index of its own:
+    # the idempotency index leads with it for the only look-up that needs one.
+    api_key = models.ForeignKey(
+        "ApiKey",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="messages",
+        db_index=False,
+    )
     created_at = models.DateTimeField(db_default=Now())
     updated_at = models.DateTimeField(db_default=Now())
     sent_at = models.DateTimeField(null=True, blank=True)
@@ -155,10 +167,13 @@ class Message(models.Model):
                 name="msg_campaign_address_unique",
                 condition=models.Q(campaign__isnull=False),
             ),
+            # Per API key: two services may both use "order-1042". NULLS NOT DISTINCT, so
+            # calls without a key (NULL) share one scope and still collide.
             models.UniqueConstraint(
-                fields=["idempotency_key"],
+                fields=["api_key", "idempotency_key"],
                 name="msg_idempotency_key_unique",
                 condition=models.Q(idempotency_key__isnull=False),
+                nulls_distinct=False,
             ),
         ]
 
@@ -246,6 +261,9 @@ class ApiKey(models.Model):
     scopes = models.JSONField(default=list)
     # Requests per minute for this key; null means MAILROOM_API_RATE_LIMIT_PER_MINUTE.
     rate_limit_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    # Domains ("example.com") and addresses ("billing@example.com") this key may send
+    # from; empty means MAILROOM_ALLOWED_SENDERS (by default DEFAULT_FROM_EMAIL's domain).
+    allowed_senders = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(db_default=Now())
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)

@@ -16,14 +16,16 @@ from email.message import Message
 from email.mime.base import MIMEBase
 from email.parser import BytesParser
 from email.policy import Policy, compat32
-from email.utils import formatdate, parseaddr
+from email.utils import formatdate
 from typing import Any, cast
 
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives
-from django.template import Context, Template, TemplateDoesNotExist
-from django.template.loader import get_template
+from django.template import Template
 from inscriptis import get_text
+
+from email_service import template_engine
+from email_service.validation import sender_domain
 
 
 @dataclass(frozen=True)
@@ -38,12 +40,15 @@ def render(template: str, subject: str, context: dict[str, Any]) -> RenderedEmai
 
     The text part comes from ``emails/<template>.txt`` when it exists, otherwise it is
     converted from the HTML by inscriptis, which keeps links, lists and tables readable.
+    Both go through the restricted email engine, each within its work and output
+    limits; raises ``template_engine.EmailTemplateError``.
     """
-    html = get_template(f"emails/{template}.html").render(context)
-    try:
-        text = get_template(f"emails/{template}.txt").render(context)
-    except TemplateDoesNotExist:
+    html = template_engine.render(template_engine.get_template(f"emails/{template}.html"), context)
+    text_template = template_engine.find_template(f"emails/{template}.txt")
+    if text_template is None:
         text = get_text(html)
+    else:
+        text = template_engine.render(text_template, context)
     return RenderedEmail(subject=subject, html=html, text=text.strip() + "\n")
 
 
@@ -117,20 +122,22 @@ def message_id_domain(from_email: str) -> str:
 @functools.lru_cache(maxsize=256)
 def _sender_domain(from_email: str) -> str:
     """The domain of a sender (``Team <team@example.com>``); few senders, many messages."""
-    return parseaddr(from_email)[1].rpartition("@")[2]
+    return sender_domain(from_email)
 
 
 def render_subject(subject: str, context: dict[str, Any]) -> str:
-    """A campaign's subject is a template too; the result is one clean header line."""
+    """A campaign's subject is a template too (caller code, so the restricted engine
+    with its limits renders it); the result is one clean header line. Raises
+    ``template_engine.EmailTemplateError``."""
     if "{" not in subject:
         return subject
-    rendered = _subject_template(subject).render(Context(context, autoescape=False))
+    rendered = template_engine.render(_subject_template(subject), context, autoescape=False)
     return " ".join(rendered.split())[:998]
 
 
 @functools.lru_cache(maxsize=256)
 def _subject_template(subject: str) -> Template:
-    return Template(subject)
+    return template_engine.from_string(subject)
 
 
 class PreparedCache:

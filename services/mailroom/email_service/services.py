@@ -25,10 +25,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from email.utils import getaddresses, parseaddr
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+import dkim
 import redis
 from celery import current_app
 from celery.exceptions import SoftTimeLimitExceeded
@@ -49,6 +49,7 @@ from email_service import (
     publisher,
     ratelimit,
     redisstore,
+    template_engine,
 )
 from email_service import unsubscribe as unsubscribe_links
 from email_service.exceptions import IdempotencyConflict, InvalidEmailRequest
@@ -75,10 +76,15 @@ from email_service.smtp import SendResult, SMTPTransport
 from email_service.validation import (
     check_context,
     check_header,
+    check_sender_allowed,
     check_subject,
     check_template,
+    envelope_address,
     normalize_address,
     normalize_from,
+    parse_mailbox,
+    parse_mailboxes,
+    sender_domain,
 )
 
 logger = logging.getLogger(__name__)
@@ -107,27 +113,31 @@ def send_email(
     queue: str = Queue.HIGH_PRIORITY,
     idempotency_key: str | None = None,
     campaign: Campaign | None = None,
+    api_key: ApiKey | None = None,
 ) -> Message:
     """Accept one email for one recipient. Transactional (``high_priority``) by default.
 
     With ``idempotency_key``, a second call with the same key and the same request
     returns the first message instead of sending again; the same key with a different
-    request raises ``IdempotencyConflict``.
+    request raises ``IdempotencyConflict``. Idempotency keys are scoped by ``api_key``
+    (the caller of the HTTP API; None for Python calls), which also decides which
+    senders are allowed (``SenderNotAllowed``).
     """
     address = normalize_address(to, "to")
+    mine = Message.objects.filter(api_key=api_key)
     if idempotency_key is not None:
         check_header(idempotency_key, "idempotency_key", max_length=200)
-        existing = Message.objects.filter(idempotency_key=idempotency_key).first()
+        existing = mine.filter(idempotency_key=idempotency_key).first()
         if existing is not None:
             return _same_request(existing, address, subject, template, context, from_email, queue)
-    request = _validated(subject, template, context, from_email, queue)
+    request = _validated(subject, template, context, from_email, queue, api_key)
     try:
         [message] = _accept([address], request, campaign, [idempotency_key])
     except IntegrityError:
         # Another request with the same key got there first; it owns the send.
         if idempotency_key is None:
             raise
-        existing = Message.objects.get(idempotency_key=idempotency_key)
+        existing = mine.get(idempotency_key=idempotency_key)
         return _same_request(existing, address, subject, template, context, from_email, queue)
     return message
 
@@ -189,7 +199,7 @@ def send_bulk_batch(
         else [None] * len(addresses)
     )
     if idempotency_prefix:
-        existing = list(Message.objects.filter(idempotency_key__in=keys))
+        existing = list(Message.objects.filter(api_key=None, idempotency_key__in=keys))
         if existing:
             return existing
     return _accept(addresses, request, campaign, keys)
@@ -202,6 +212,7 @@ class _Request:
     context: dict[str, Any]
     from_email: str
     queue: str
+    api_key_id: int | None = None
 
 
 def _validated(
@@ -210,6 +221,7 @@ def _validated(
     context: object,
     from_email: object,
     queue: object,
+    api_key: ApiKey | None = None,
 ) -> _Request:
     if queue not in Queue.values:
         raise InvalidEmailRequest("queue", f"must be one of {', '.join(Queue.values)}")
@@ -217,15 +229,38 @@ def _validated(
         subject=check_subject(subject),
         template=check_template(template),
         context=check_context(context),
-        from_email=normalize_from(from_email or settings.DEFAULT_FROM_EMAIL, "from_email"),
+        from_email=allowed_sender(from_email, api_key),
         queue=str(queue),
+        api_key_id=api_key.pk if api_key else None,
     )
     try:
         render(request.template, request.subject, request.context)
-    except Exception as exc:
+    except template_engine.EmailTemplateError as exc:
         # A template that cannot render this context would fail at send time: say so now.
         raise InvalidEmailRequest("template", f"cannot render {template!r}: {exc}") from exc
     return request
+
+
+def allowed_sender(from_email: object, api_key: ApiKey | None = None) -> str:
+    """The sender as stored (one quoted mailbox), if ``api_key`` (or, without one, the
+    process's own code) may send as it; else ``SenderNotAllowed`` naming ``from_email``.
+
+    A key's own ``allowed_senders`` win; without them MAILROOM_ALLOWED_SENDERS applies,
+    and when that is empty too, DEFAULT_FROM_EMAIL's domain. DEFAULT_FROM_EMAIL itself
+    is always allowed: it is what a caller gets by sending none.
+    """
+    default = normalize_from(settings.DEFAULT_FROM_EMAIL, "DEFAULT_FROM_EMAIL")
+    if not from_email:
+        return default
+    sender = normalize_from(from_email, "from_email")
+    allowed = (api_key.allowed_senders if api_key else None) or _default_senders(default)
+    check_sender_allowed(sender, [*allowed, envelope_address(default)])
+    return sender
+
+
+def _default_senders(default: str) -> list[str]:
+    # getattr: another Django project may use the backend with settings of its own.
+    return list(getattr(settings, "MAILROOM_ALLOWED_SENDERS", [])) or [sender_domain(default)]
 
 
 def _message_id(message_id: uuid.UUID, from_email: str) -> str:
@@ -269,6 +304,7 @@ def _accept(
                 dispatched_at=now,
                 message_id_header=_message_id(message_uuid, request.from_email),
                 idempotency_key=key,
+                api_key_id=request.api_key_id,
                 # Explicit values: a database default costs bulk_create an expression per row.
                 created_at=now,
                 updated_at=now,
@@ -310,6 +346,7 @@ def _accept_one(
         dispatched_at=now,
         message_id_header=_message_id(message_uuid, request.from_email),
         idempotency_key=idempotency_key,
+        api_key_id=request.api_key_id,
         created_at=now,
         updated_at=now,
     )
@@ -449,7 +486,6 @@ DEFAULT_MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # printable ASCII without ":" (RFC 5322)
 _MIME_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*", re.ASCII)
 _MIME_SUBTYPE = re.compile(r"[a-z][a-z0-9.+-]{0,40}")
-_NEEDS_QUOTES = re.compile(r'[()<>@,;:\\".\[\]]')
 
 RawAttachment = tuple[str | None, bytes | str, str | None] | bytes
 
@@ -494,7 +530,7 @@ def prepare_raw_email(
     """
     if queue not in Queue.values:
         raise InvalidEmailRequest("queue", f"must be one of {', '.join(Queue.values)}")
-    sender = normalize_from(from_email or settings.DEFAULT_FROM_EMAIL, "from_email")
+    sender = allowed_sender(from_email)
     visible: dict[str, list[str]] = {"to": [], "cc": [], "reply_to": []}
     addresses: dict[str, str] = {}
     for field_name, values in (("to", to), ("cc", cc), ("bcc", bcc), ("reply_to", reply_to)):
@@ -539,22 +575,7 @@ def _address_list(values: object, field_name: str) -> list[str]:
 
 def _raw_mailbox(value: object, field_name: str) -> tuple[str, str]:
     """(the address, the mailbox as shown in a header: display name kept, quoted)."""
-    check_header(value, field_name, max_length=998)
-    found = getaddresses([cast(str, value)])
-    if len(found) != 1 or not found[0][1]:
-        raise InvalidEmailRequest(
-            field_name, f"{value!r} is not one email address (quote a display name with a comma)"
-        )
-    return _mailbox(*found[0], field_name)
-
-
-def _mailbox(name: str, address: str, field_name: str) -> tuple[str, str]:
-    address = normalize_address(address, field_name)
-    if not name:
-        return address, address
-    if _NEEDS_QUOTES.search(name):
-        name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return address, f"{name} <{address}>"
+    return parse_mailbox(value, field_name)
 
 
 def _raw_headers(headers: Mapping[str, str], reply_to: list[str]) -> list[list[str]]:
@@ -579,8 +600,7 @@ def _raw_headers(headers: Mapping[str, str], reply_to: list[str]) -> list[list[s
         if lowered == "reply-to":
             if not reply_to:  # Django's rule: an explicit reply_to wins over the header
                 reply_to.extend(
-                    _mailbox(name, address, "headers[Reply-To]")[1]
-                    for name, address in getaddresses([value])
+                    mailbox for _, mailbox in parse_mailboxes(value, "headers[Reply-To]")
                 )
             continue
         kept.append([name, value])
@@ -919,12 +939,19 @@ def _send_one(
 ) -> SendResult:
     try:
         data = _message_bytes(prepared, row)
-    except Exception as exc:
-        # The template changed or vanished since the request was accepted.
+    except (template_engine.EmailTemplateError, InvalidEmailRequest) as exc:
+        # The caller's template or subject cannot make this message: a work or output
+        # limit, a recipient's context that does not fit, a template gone since the
+        # request was accepted. Fail this one message; the batch goes on.
+        logger.warning("cannot render message %s: %s", row.id, exc)
+        return SendResult(code=554, reply=f"5.6.0 Mailroom could not render the message: {exc}")
+    except (ValueError, LookupError, TypeError, dkim.DKIMException) as exc:
+        # Stored content that cannot be serialised or signed. Anything else (a bug, a
+        # configuration error, the task's time limit) is not this message's fault.
         logger.exception("cannot render message %s", row.id)
         return SendResult(code=554, reply=f"5.6.0 Mailroom could not render the message: {exc}")
-    envelope_from = parseaddr(row.from_email)[1]
-    return transport.send(envelope_from, row.to_email, data)
+    # The validated address as stored, never a re-parse of the display name.
+    return transport.send(envelope_address(row.from_email), row.to_email, data)
 
 
 def _message_bytes(prepared: PreparedCache, row: outbox.ClaimedRow) -> bytes:
@@ -933,7 +960,10 @@ def _message_bytes(prepared: PreparedCache, row: outbox.ClaimedRow) -> bytes:
     context = json.loads(row.context) if isinstance(row.context, str) else dict(row.context)
     if row.template == RAW_TEMPLATE:
         return _raw_message_bytes(prepared, row, context)
-    subject = render_subject(row.subject, context) if row.campaign_id else row.subject
+    subject = row.subject
+    if row.campaign_id:
+        # A recipient's context may carry what a header must not: fail that one message.
+        subject = check_header(render_subject(row.subject, context), "subject")
     headers: tuple[tuple[str, str], ...] = ()
     substitutions: tuple[tuple[str, str], ...] = ()
     placeholders: tuple[str, ...] = ()
@@ -1068,14 +1098,16 @@ def create_campaign(
     from_email: str | None = None,
     send_at: datetime | None = None,
     expires_at: datetime | None = None,
+    api_key: ApiKey | None = None,
 ) -> Campaign:
-    """A draft campaign; add recipients, then ``start_campaign``."""
+    """A draft campaign; add recipients, then ``start_campaign``. ``api_key`` (the HTTP
+    API's caller) decides which senders are allowed, as for ``send_email``."""
     if not isinstance(name, str) or not name.strip():
         raise InvalidEmailRequest("name", "must not be empty")
     check_subject(subject)
     try:
         render_subject(subject, {})
-    except Exception as exc:
+    except template_engine.EmailTemplateError as exc:
         raise InvalidEmailRequest("subject", f"is not a valid template: {exc}") from exc
     if send_at and expires_at and expires_at <= send_at:
         raise InvalidEmailRequest("expires_at", "must be later than send_at")
@@ -1083,7 +1115,7 @@ def create_campaign(
         name=name.strip()[:200],
         subject=subject,
         template=check_template(template),
-        from_email=normalize_from(from_email or settings.DEFAULT_FROM_EMAIL, "from_email"),
+        from_email=allowed_sender(from_email, api_key),
         send_at=send_at,
         expires_at=expires_at,
     )
@@ -1326,9 +1358,13 @@ def unsubscribe(address: str, source: str) -> None:
 
 
 def create_api_key(
-    name: str, scopes: Sequence[str], rate_limit_per_minute: int | None = None
+    name: str,
+    scopes: Sequence[str],
+    rate_limit_per_minute: int | None = None,
+    allowed_senders: Sequence[str] = (),
 ) -> tuple[ApiKey, str]:
-    """A new key; the clear key is returned once and never stored."""
+    """A new key; the clear key is returned once and never stored. ``allowed_senders``
+    are domains or addresses (empty: MAILROOM_ALLOWED_SENDERS applies)."""
     if not isinstance(name, str) or not name.strip():
         raise InvalidEmailRequest("name", "must not be empty")
     unknown = sorted(set(scopes) - set(ApiKey.Scope.values))
@@ -1338,6 +1374,7 @@ def create_api_key(
         )
     if rate_limit_per_minute is not None and rate_limit_per_minute < 1:
         raise InvalidEmailRequest("rate_limit_per_minute", "must be 1 or more")
+    senders = sorted({sender_entry(entry) for entry in allowed_senders})
     key, prefix = apikeys.generate()
     api_key = ApiKey.objects.create(
         name=name.strip()[:100],
@@ -1345,8 +1382,20 @@ def create_api_key(
         key_hash=apikeys.digest(key),
         scopes=sorted(set(scopes)),
         rate_limit_per_minute=rate_limit_per_minute,
+        allowed_senders=senders,
     )
     return api_key, key
+
+
+def sender_entry(entry: object) -> str:
+    """One allowed-sender entry, normalised: an address, or a domain (an address on it
+    must validate, which checks the domain by the same rule as every send)."""
+    if not isinstance(entry, str) or not entry.strip():
+        raise InvalidEmailRequest("allowed_senders", "entries must be domains or addresses")
+    value = entry.strip()
+    if "@" in value:
+        return normalize_address(value, "allowed_senders").lower()
+    return normalize_address(f"postmaster@{value}", "allowed_senders").rpartition("@")[2]
 
 
 def revoke_api_key(prefix_or_name: str) -> list[ApiKey]:
@@ -1366,7 +1415,7 @@ def revoke_api_key(prefix_or_name: str) -> list[ApiKey]:
 # A page position in the message list: the (created_at, id) of the last row shown.
 MessageKey = tuple[datetime, uuid.UUID]
 # Templates that only lay out others ({% extends %}), never sent on their own.
-LAYOUT_TEMPLATES = frozenset({"base"})
+LAYOUT_TEMPLATES = template_engine.LAYOUT_TEMPLATES
 
 
 def get_message(message_id: uuid.UUID) -> Message:
@@ -1472,11 +1521,11 @@ def preview_template(template: str, subject: str, context: dict[str, Any] | None
     checked_context = check_context(context)
     try:
         rendered_subject = render_subject(checked_subject, checked_context)
-    except Exception as exc:
+    except template_engine.EmailTemplateError as exc:
         raise InvalidEmailRequest("subject", f"is not a valid template: {exc}") from exc
     try:
         return render(name, rendered_subject, checked_context)
-    except Exception as exc:
+    except template_engine.EmailTemplateError as exc:
         raise InvalidEmailRequest("template", f"cannot render {name!r}: {exc}") from exc
 
 

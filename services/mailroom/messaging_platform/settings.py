@@ -48,6 +48,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "email_service.middleware.AdminQueryGuard",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
@@ -139,6 +140,11 @@ EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", "")
 EMAIL_HOST_PASSWORD = env_secret("EMAIL_HOST_PASSWORD", "")
 EMAIL_TIMEOUT = env_float("EMAIL_TIMEOUT", 10.0, minimum=0.1)
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "Mailroom <noreply@mailroom.example.com>")
+# Domains (example.com) and addresses (billing@example.com) that may appear as a sender,
+# for API keys without their own list and for Python calls, the email backend and the
+# commands. Empty (the default): DEFAULT_FROM_EMAIL's domain only. DEFAULT_FROM_EMAIL
+# itself is always allowed.
+MAILROOM_ALLOWED_SENDERS = env_list("MAILROOM_ALLOWED_SENDERS", [])
 
 # --- Delivery knobs ---------------------------------------------------------------------
 MAILROOM_MAX_RETRIES = env_int("MAILROOM_MAX_RETRIES", 5, minimum=0)
@@ -154,6 +160,12 @@ MAILROOM_SWEEP_INTERVAL_SECONDS = env_float("MAILROOM_SWEEP_INTERVAL_SECONDS", 3
 # A queued row whose task has vanished is re-enqueued once it is older than this.
 MAILROOM_STALE_QUEUED_SECONDS = env_float("MAILROOM_STALE_QUEUED_SECONDS", 60.0, minimum=0.0)
 MAILROOM_MESSAGE_ID_DOMAIN = env_str("MAILROOM_MESSAGE_ID_DOMAIN", "")
+# Templates and subjects are caller code (email_service.template_engine): one render may
+# take this many steps (a node rendered, a {% for %} iteration) and produce this much.
+MAILROOM_TEMPLATE_MAX_STEPS = env_int("MAILROOM_TEMPLATE_MAX_STEPS", 20_000, minimum=100)
+MAILROOM_TEMPLATE_MAX_OUTPUT_BYTES = env_int(
+    "MAILROOM_TEMPLATE_MAX_OUTPUT_BYTES", 1024 * 1024, minimum=1024
+)
 
 # --- Campaigns ------------------------------------------------------------------------
 # Public base URL of the web role, for links in email (unsubscribe).
@@ -170,6 +182,11 @@ MAILROOM_INGEST_MAX_ERRORS = env_int("MAILROOM_INGEST_MAX_ERRORS", 1000, minimum
 # --- HTTP API (email_service.api) ------------------------------------------------------
 # Requests per minute per API key unless the key has its own limit; 0 turns it off.
 MAILROOM_API_RATE_LIMIT_PER_MINUTE = env_int("MAILROOM_API_RATE_LIMIT_PER_MINUTE", 600, minimum=0)
+# Failed authentications (a wrong, malformed or revoked key) allowed per client address
+# a minute; then every request from that address answers 429 until the minute is over.
+MAILROOM_API_AUTH_FAILURES_PER_MINUTE = env_int(
+    "MAILROOM_API_AUTH_FAILURES_PER_MINUTE", 30, minimum=1
+)
 # A JSON body larger than this is refused with 413 before it is read.
 MAILROOM_API_MAX_BODY_BYTES = env_int("MAILROOM_API_MAX_BODY_BYTES", 10 * 1024 * 1024, minimum=1024)
 # A CSV upload larger than this is refused with 413 (it is streamed to disk, not memory).
@@ -225,6 +242,45 @@ AUTHENTICATION_BACKENDS = ["email_service.dashboard.access.ThrottledModelBackend
 LOGIN_URL = "/login/"
 LOGIN_REDIRECT_URL = "/dashboard/"
 LOGOUT_REDIRECT_URL = "/login/"
+
+# --- HTTPS: secure cookies, redirect to https, HSTS, the proxy's X-Forwarded-Proto ------
+# Off by default, DEBUG or not: `make dev`, the tests and `docker compose up` serve plain
+# http on localhost, where a secure-only cookie never comes back (no sign-in, no CSRF
+# token) and a redirect to https reaches nothing. Behind TLS turn them all on, as
+# k8s/overlays/prod does; `manage.py check --deploy` then has nothing to say about them.
+# The session (dashboard sign-in) and CSRF cookies are sent over https only.
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", False)
+# http:// requests are redirected to https://, except those that reach the pod itself over
+# plain http: the probes (the kubelet's, the image's health check) and Prometheus' scrape.
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+# Strict-Transport-Security on https answers for this many seconds (0: none). Browsers
+# then refuse http for the host that long, so start small (3600) and raise it (31536000)
+# once https works everywhere. Preload only on purpose: leaving the list takes months.
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+# Behind a proxy that terminates TLS (an Ingress, a load balancer) every request arrives
+# over http: with this on, "X-Forwarded-Proto: https" marks one that came over https (for
+# the redirect, secure cookies and the CSRF origin check). Only behind a proxy that sets
+# the header on every request, replacing the client's: otherwise a client can claim https.
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_X_FORWARDED_PROTO", "https")
+    if env_bool("MAILROOM_TRUST_X_FORWARDED_PROTO", False)
+    else None
+)
+# Origins (scheme://host[:port]) whose forms may POST besides the host's own, e.g. the
+# public name when the proxy forwards another Host. Comma-separated.
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+for _origin in CSRF_TRUSTED_ORIGINS:
+    if not _origin.startswith(("http://", "https://")):
+        raise ImproperlyConfigured(
+            f"CSRF_TRUSTED_ORIGINS must be origins such as https://mail.example.com, "
+            f"got {_origin!r}"
+        )
+# X-Content-Type-Options: nosniff on every answer.
+SECURE_CONTENT_TYPE_NOSNIFF = env_bool("SECURE_CONTENT_TYPE_NOSNIFF", True)
 
 # --- Global rate limit (token buckets in Redis, shared by every worker) ------------------
 # Total sends the relay allows; 0 means no limit. Bulk gets what transactional does not

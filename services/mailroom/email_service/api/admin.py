@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import redis
 from django.http import Http404, HttpRequest
-from ninja import Field, Query, Router, Schema
+from ninja import Field, Query, Router, Schema, Status
 
 from email_service import services
 from email_service.api.auth import requires
@@ -131,9 +131,9 @@ def list_suppressions(request: HttpRequest, filters: Query[SuppressionFilters]) 
     "mail only). Idempotent: an address already suppressed keeps its first reason, and "
     "the answer shows the stored suppression.",
 )
-def add_suppression(request: HttpRequest, payload: SuppressionIn) -> tuple[int, dict[str, Any]]:
+def add_suppression(request: HttpRequest, payload: SuppressionIn) -> Status[dict[str, Any]]:
     row = services.add_suppression(payload.address, payload.reason, payload.detail)
-    return 201, _suppression(row)
+    return Status(201, _suppression(row))
 
 
 @router.delete(
@@ -143,10 +143,10 @@ def add_suppression(request: HttpRequest, payload: SuppressionIn) -> tuple[int, 
     tags=["suppressions"],
     summary="Lift the suppression of an address",
 )
-def delete_suppression(request: HttpRequest, address: Text) -> tuple[int, None]:
+def delete_suppression(request: HttpRequest, address: Text) -> Status[None]:
     if not services.unsuppress(address):
         raise ApiError(404, "not_found", "this address is not suppressed")
-    return 204, None
+    return Status(204, None)
 
 
 # --------------------------------------------------------------------------------------

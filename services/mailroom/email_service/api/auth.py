@@ -7,7 +7,7 @@ from django.http import HttpRequest
 from ninja.security import HttpBearer
 
 from email_service import apikeys
-from email_service.api.errors import MissingScope, RateLimited, TooLarge
+from email_service.api.errors import MissingScope, RateLimited, TooLarge, TooManyFailures
 from email_service.models import ApiKey
 
 
@@ -16,16 +16,30 @@ class ApiKeyAuth(HttpBearer):
 
     Returning None makes django-ninja answer 401; a missing scope raises 403, too many
     requests 429 (with ``Retry-After``), a declared body over the limit 413 — all before
-    the body is read.
+    the body is read. Too many failed authentications from one address answer 429 too.
     """
 
     def __init__(self, scope: str) -> None:
         super().__init__()
         self.scope = scope
 
+    def __call__(self, request: HttpRequest) -> ApiKey | None:
+        """``Authorization: Bearer <key>``, read here rather than by ``HttpBearer``: with
+        DEBUG on, django-ninja logs a header of another scheme (``Token mr_…``, a common
+        client mistake) whole, key included. Nothing of the header is ever logged."""
+        header = request.headers.get(self.header)
+        if not header:
+            return None
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != self.openapi_scheme or not token.strip():
+            self._failed(request)
+            return None
+        return self.authenticate(request, token.strip())
+
     def authenticate(self, request: HttpRequest, token: str) -> ApiKey | None:
         api_key = apikeys.authenticate(token)
         if api_key is None:
+            self._failed(request)
             return None
         if not api_key.allows(self.scope):
             raise MissingScope(self.scope)
@@ -34,6 +48,11 @@ class ApiKeyAuth(HttpBearer):
             raise RateLimited(decision.retry_after, decision.limit)
         _check_declared_size(request)
         return api_key
+
+    def _failed(self, request: HttpRequest) -> None:
+        decision = apikeys.count_failure(str(request.META.get("REMOTE_ADDR", "")))
+        if not decision.allowed:
+            raise TooManyFailures(decision.retry_after, decision.limit)
 
 
 def _check_declared_size(request: HttpRequest) -> None:

@@ -32,7 +32,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.http import HttpRequest
 from django.http.multipartparser import MultiPartParserError
-from ninja import Field, Query, Router, Schema
+from ninja import Field, Query, Router, Schema, Status
 from pydantic import AwareDatetime, BaseModel, ConfigDict, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
@@ -195,7 +195,8 @@ def _form_schema(model: type[BaseModel], description: str) -> dict[str, Any]:
 
 _CSV_HELP = (
     "A UTF-8 CSV file: a header row with an `email` column; every other column becomes "
-    "template context for that row's recipient."
+    f"template context for that row's recipient (at most {ingest.MAX_CONTEXT_COLUMNS} "
+    "columns besides `email`)."
 )
 
 
@@ -309,7 +310,7 @@ def _errors(*statuses: int) -> dict[int, type[Schema]]:
     summary="Create a campaign (JSON recipients or a CSV upload), optionally start it",
     openapi_extra=_request_body(CampaignIn, CampaignFields),
 )
-def create_campaign(request: HttpRequest) -> tuple[int, dict[str, Any]]:
+def create_campaign(request: HttpRequest) -> Status[dict[str, Any]]:
     """All or nothing: a bad campaign field, an unusable upload or (in strict mode) any bad
     recipient row is a 422 and nothing is stored. Otherwise bad rows are skipped and listed
     in `report`. With `start`, the campaign is started once stored."""
@@ -331,6 +332,7 @@ def create_campaign(request: HttpRequest) -> tuple[int, dict[str, Any]]:
             from_email=fields.from_email,
             send_at=fields.send_at,
             expires_at=fields.expires_at,
+            api_key=request.auth,  # type: ignore[attr-defined]
         )
         report = source.add_to(campaign, strict=fields.strict) if source else None
         if fields.start and (report is None or not report.accepted + report.suppressed):
@@ -341,7 +343,7 @@ def create_campaign(request: HttpRequest) -> tuple[int, dict[str, Any]]:
             )
     if fields.start:
         services.start_campaign(campaign)
-    return 201, {**_campaign_out(campaign), "report": _report_out(report, source)}
+    return Status(201, {**_campaign_out(campaign), "report": _report_out(report, source)})
 
 
 @router.get(

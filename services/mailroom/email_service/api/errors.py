@@ -14,7 +14,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from ninja import NinjaAPI, Schema
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
-from email_service.exceptions import IdempotencyConflict, InvalidEmailRequest
+from email_service.exceptions import IdempotencyConflict, InvalidEmailRequest, SenderNotAllowed
 
 
 class FieldError(Schema):
@@ -58,6 +58,17 @@ class RateLimited(ApiError):
             429,
             "rate_limited",
             f"more than {limit} requests a minute with this key; retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
+class TooManyFailures(ApiError):
+    def __init__(self, retry_after: int, limit: int) -> None:
+        super().__init__(
+            429,
+            "rate_limited",
+            f"more than {limit} failed authentications a minute from this address; "
+            f"retry in {retry_after} s",
             headers={"Retry-After": str(retry_after)},
         )
 
@@ -106,6 +117,10 @@ def install(api: NinjaAPI) -> None:
         errors = [{"field": exc.field, "message": exc.message}]
         return respond(api, request, ApiError(422, "invalid", str(exc), errors))
 
+    def forbidden_sender(request: HttpRequest, exc: SenderNotAllowed) -> HttpResponse:
+        errors = [{"field": exc.field, "message": exc.message}]
+        return respond(api, request, ApiError(403, "sender_not_allowed", str(exc), errors))
+
     def validation(request: HttpRequest, exc: ValidationError) -> HttpResponse:
         errors = [
             {"field": _field_name(e.get("loc", ())), "message": str(e.get("msg", "is invalid"))}
@@ -143,6 +158,7 @@ def install(api: NinjaAPI) -> None:
     handlers: list[tuple[type[Exception], Any]] = [
         (ApiError, api_error),
         (InvalidEmailRequest, invalid),
+        (SenderNotAllowed, forbidden_sender),
         (ValidationError, validation),
         (AuthenticationError, unauthenticated),
         (HttpError, http_error),

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from django.http import HttpRequest
 from django.urls import register_converter
-from ninja import Field, Header, Query, Router, Schema
+from ninja import Field, Header, Query, Router, Schema, Status
 from pydantic import AfterValidator
 
 from email_service import services
@@ -239,7 +239,7 @@ def send_message(
     idempotency_key: Annotated[
         Text | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
     ] = None,
-) -> tuple[int, dict[str, Any]]:
+) -> Status[dict[str, Any]]:
     message = services.send_email(
         to=payload.to,
         subject=payload.subject,
@@ -248,8 +248,9 @@ def send_message(
         from_email=payload.from_email,
         queue=payload.queue,
         idempotency_key=idempotency_key,
+        api_key=request.auth,  # type: ignore[attr-defined]
     )
-    return 202, _accepted(message)
+    return Status(202, _accepted(message))
 
 
 @router.get(

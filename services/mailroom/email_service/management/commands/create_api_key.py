@@ -26,12 +26,20 @@ class Command(BaseCommand):
         parser.add_argument(
             "--rate", type=int, default=None, help="requests per minute (default: the setting)"
         )
+        parser.add_argument(
+            "--senders",
+            nargs="+",
+            default=[],
+            metavar="DOMAIN_OR_ADDRESS",
+            help="domains or addresses the key may send from (default: the setting"
+            " MAILROOM_ALLOWED_SENDERS, else DEFAULT_FROM_EMAIL's domain)",
+        )
         parser.add_argument("--quiet", action="store_true", help="print only the key (for scripts)")
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
             api_key, key = services.create_api_key(
-                options["name"], options["scopes"], options["rate"]
+                options["name"], options["scopes"], options["rate"], options["senders"]
             )
         except InvalidEmailRequest as exc:
             raise CommandError(str(exc)) from None
@@ -40,5 +48,7 @@ class Command(BaseCommand):
             return
         self.stdout.write(
             f"Created API key {api_key.name!r} (prefix {api_key.prefix}, scopes "
-            f"{', '.join(api_key.scopes)}). It is shown only now; store it safely:\n{key}"
+            f"{', '.join(api_key.scopes)}; senders "
+            f"{', '.join(api_key.allowed_senders) or 'the default'}). "
+            f"It is shown only now; store it safely:\n{key}"
         )
