@@ -27,10 +27,11 @@ $(VENV)/.synced: $(APP)/pyproject.toml $(APP)/uv.lock | $(UV)
 
 setup: $(VENV)/.synced ## Create .venv and install the locked dependencies
 
-lint: setup ## ruff check, ruff format --check and mypy
+lint: setup ## ruff check, ruff format --check, mypy and the import layers (.importlinter)
 	$(BIN)/ruff check --no-cache .
 	$(BIN)/ruff format --check --no-cache .
 	SECRET_KEY=mypy $(BIN)/mypy
+	cd $(APP) && $(BIN)/lint-imports --no-cache $(CURDIR)/.importlinter
 
 typecheck: setup ## mypy only
 	SECRET_KEY=mypy $(BIN)/mypy

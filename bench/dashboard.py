@@ -219,7 +219,7 @@ def status_mix() -> dict[str, int]:
 
 
 def seed_redis(rng: random.Random) -> None:
-    from email_service import redisstore
+    from email_service import keys, redisstore
     from email_service.models import Campaign, Message
 
     client = redisstore.client()
@@ -228,13 +228,13 @@ def seed_redis(rng: random.Random) -> None:
     sent = {"bulk": 850_000, "high_priority": 60_000}
     failed = {"bulk": 28_000, "high_priority": 2_000}
     for queue in ("bulk", "high_priority"):
-        pipe.set(redisstore.queue_key("sent_total", queue), sent[queue])
-        pipe.set(redisstore.queue_key("failed_total", queue), failed[queue])
-        pipe.set(redisstore.queue_key("suppressed_total", queue), 9_000)
-    pipe.set(redisstore.SENT_TOTAL, sum(sent.values()))
-    pipe.set(redisstore.FAILED_TOTAL, sum(failed.values()))
-    pipe.set(redisstore.BULK_PAUSE, "0")
-    now_bucket = redisstore.bucket_of(time.time())
+        pipe.set(keys.counter_key("sent", queue), sent[queue])
+        pipe.set(keys.counter_key("failed", queue), failed[queue])
+        pipe.set(keys.counter_key("suppressed", queue), 9_000)
+    pipe.set(keys.SENT_TOTAL, sum(sent.values()))
+    pipe.set(keys.FAILED_TOTAL, sum(failed.values()))
+    pipe.set(keys.BULK_PAUSE, "0")
+    now_bucket = keys.bucket_of(time.time())
     sending = [
         str(c) for c in Campaign.objects.filter(status="sending").values_list("id", flat=True)
     ]
@@ -245,9 +245,9 @@ def seed_redis(rng: random.Random) -> None:
             ("sent:high_priority", 50, 150),
             ("failed:high_priority", 0, 3),
         ):
-            pipe.set(redisstore.series_key(name, bucket), rng.randint(low, high), ex=3600)
+            pipe.set(keys.series_key(name, bucket), rng.randint(low, high), ex=3600)
         for campaign_id in sending:
-            pipe.set(redisstore.series_key(f"campaign:{campaign_id}:sent", bucket), 250, ex=3600)
+            pipe.set(keys.series_key(f"campaign:{campaign_id}:sent", bucket), 250, ex=3600)
     for n in range(4):
         pipe.set(f"mailroom:worker:bulk:bulk-{n}@bench", "1", ex=3600)
     for n in range(2):
@@ -260,10 +260,10 @@ def seed_redis(rng: random.Random) -> None:
     for address, attempts in deferred.iterator(chunk_size=10_000):
         batch[address] = attempts
         if len(batch) == 10_000:
-            client.hset(redisstore.RETRY_COUNTS, mapping=batch)  # type: ignore[arg-type]
+            client.hset(keys.RETRY_COUNTS, mapping=batch)  # type: ignore[arg-type]
             batch.clear()
     if batch:
-        client.hset(redisstore.RETRY_COUNTS, mapping=batch)  # type: ignore[arg-type]
+        client.hset(keys.RETRY_COUNTS, mapping=batch)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------

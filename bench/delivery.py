@@ -504,10 +504,10 @@ def mailroom_message_size(campaign: bool) -> int:
     from django.conf import settings
     from django.utils import timezone
 
-    from email_service import services
     from email_service.models import Queue
     from email_service.outbox import ClaimedRow
     from email_service.rendering import PreparedCache
+    from email_service.services import delivery as service_delivery
 
     subject, context = (
         (CAMPAIGN_SUBJECT, {"name": recipient_name(0)})
@@ -527,7 +527,7 @@ def mailroom_message_size(campaign: bool) -> int:
         campaign_id=uuid.uuid4() if campaign else None,
         created_at=timezone.now(),
     )
-    return len(services._message_bytes(PreparedCache(), row))
+    return len(service_delivery.message_bytes(PreparedCache(), row))
 
 
 # --------------------------------------------------------------------------------------

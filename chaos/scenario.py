@@ -29,7 +29,7 @@ from tests.support.processes import wait_until
 TRICKLE_SECONDS = 0.5
 # A worker process holds at most two deliveries that the relay accepted and Postgres has
 # not recorded: the message on the wire, and the previous one whose record is committing
-# while it is sent (services._BatchRun pipelines the record). A process that dies there
+# while it is sent (services.delivery._BatchRun pipelines the record). A process that dies there
 # sends those again after their lease expires.
 IN_FLIGHT_PER_PROCESS = 2
 ALL_PROCESSES = 2 * BULK_CONCURRENCY + HIGH_CONCURRENCY

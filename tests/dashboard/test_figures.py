@@ -11,7 +11,7 @@ import redis
 from django.db import connection
 from django.test import Client
 
-from email_service import redisstore, services
+from email_service import keys, services
 from email_service.dashboard import chart, figures
 from email_service.models import Campaign, Message
 from tests.conftest import wait_for
@@ -53,7 +53,7 @@ def test_the_figures_match_what_the_workers_recorded(
 
     def settled() -> bool:
         done = Message.objects.filter(status__in=["sent", "failed", "deferred"]).count()
-        sent, failed = redis_server.mget(redisstore.SENT_TOTAL, redisstore.FAILED_TOTAL)
+        sent, failed = redis_server.mget(keys.SENT_TOTAL, keys.FAILED_TOTAL)
         return done == 30 and (sent, failed) == (b"26", b"3")
 
     wait_for(settled, 90, "30 messages delivered, refused or deferred, and counted")
@@ -71,7 +71,7 @@ def test_the_figures_match_what_the_workers_recorded(
     assert numbers["retrying_addresses"] == 1
     [retry] = numbers["retries"]
     assert (retry["address"], retry["retries"], retry["campaign"]) == (SLOW, 1, "Spring")
-    assert redis_server.hget(redisstore.RETRY_COUNTS, SLOW) == b"1"
+    assert redis_server.hget(keys.RETRY_COUNTS, SLOW) == b"1"
     assert retry["smtp_code"] == 441
 
     failures = {f["recipient"]: f for f in numbers["failures"]}
@@ -146,8 +146,8 @@ def test_the_lists_the_data_endpoint_reads_use_their_partial_indexes() -> None:
 
 def test_the_chart_draws_rates_per_bucket_and_scales_to_a_round_number() -> None:
     now = 1_000_000.0
-    size = redisstore.SERIES_BUCKET_SECONDS
-    first = (redisstore.bucket_of(now) - 89) * size
+    size = keys.SERIES_BUCKET_SECONDS
+    first = (keys.bucket_of(now) - 89) * size
     sent = [0] * 88 + [95, 3]  # the current bucket: 3 in its first 4.0 s
     series = figures.Throughput(size, float(first), first + 89 * size + 4.0, sent, [0] * 90)
     drawn = chart.draw(series)
@@ -162,11 +162,11 @@ def test_the_chart_draws_rates_per_bucket_and_scales_to_a_round_number() -> None
 
 def test_throughput_reads_the_workers_series_keys(redis_server: redis.Redis) -> None:
     now = time.time()
-    bucket = redisstore.bucket_of(now)
-    redis_server.set(redisstore.series_key("sent:bulk", bucket), 5)
-    redis_server.set(redisstore.series_key("sent:high_priority", bucket), 2)
-    redis_server.set(redisstore.series_key("failed:bulk", bucket - 1), 1)
-    redis_server.set(redisstore.series_key("sent:bulk", bucket - 90), 100)  # too old
+    bucket = keys.bucket_of(now)
+    redis_server.set(keys.series_key("sent:bulk", bucket), 5)
+    redis_server.set(keys.series_key("sent:high_priority", bucket), 2)
+    redis_server.set(keys.series_key("failed:bulk", bucket - 1), 1)
+    redis_server.set(keys.series_key("sent:bulk", bucket - 90), 100)  # too old
     series = figures.throughput(now=now)
     assert series is not None
     assert len(series.sent) == 90

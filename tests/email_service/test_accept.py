@@ -15,6 +15,7 @@ from django.db import IntegrityError, connection, transaction
 
 from email_service import publisher, services
 from email_service.models import Message
+from email_service.services import accepting
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -124,12 +125,12 @@ def test_an_idempotency_race_inside_a_transaction_leaves_it_usable(
     services.send_email(
         to="ann@example.com", subject="Hi", template="welcome", idempotency_key="k1"
     )
-    request = services._validated("Hi", "welcome", None, None, "high_priority")
+    request = accepting.validated_request("Hi", "welcome", None, None, "high_priority")
 
     with transaction.atomic():
         # What the loser of two racing requests meets: the unique key, in a savepoint
         # (send_email then returns the winner's message), and the caller's transaction
         # goes on.
         with pytest.raises(IntegrityError):
-            services._accept(["ann@example.com"], request, None, ["k1"])
+            accepting.accept_rows(["ann@example.com"], request, None, ["k1"])
         assert Message.objects.count() == 1

@@ -10,7 +10,7 @@ from email.message import EmailMessage
 import pytest
 from more_itertools import chunked
 
-from email_service import redisstore, services
+from email_service import keys, redisstore, services
 from email_service.models import DeliveryAttempt, Message, Suppression
 from email_service.tasks import QueuedResult, send_bulk_email_batch, send_high_priority_email
 from tests.conftest import wait_for
@@ -110,7 +110,7 @@ def test_2000_bulk_recipients_each_get_exactly_one_copy_over_one_connection_per_
     assert max(copies.values()) == 1
     assert smtp_sink.connections <= batches
     assert _status_counts() == {"sent": 2000}
-    assert int(redisstore.client().get(redisstore.SENT_TOTAL) or 0) == 2000
+    assert int(redisstore.client().get(keys.SENT_TOTAL) or 0) == 2000
 
 
 def test_it_retries_451_and_every_recipient_gets_exactly_one_copy(
@@ -131,7 +131,7 @@ def test_it_retries_451_and_every_recipient_gets_exactly_one_copy(
     assert DeliveryAttempt.objects.filter(outcome="deferred", smtp_code=451).count() >= 45
     # Delivered addresses leave the retry hash: it stays bounded.
     client = redisstore.client()
-    assert client.hlen(redisstore.RETRY_COUNTS) == 0
+    assert client.hlen(keys.RETRY_COUNTS) == 0
     # Retries are counted by reply class; every delivery lands in the latency histogram.
     assert int(client.get("mailroom:retried_total:bulk:4xx") or 0) >= 45
     latency = {os.fsdecode(k): float(v) for k, v in client.hgetall("mailroom:latency:bulk").items()}
@@ -266,7 +266,7 @@ def test_retries_stop_after_the_budget_and_the_message_fails(
     outcomes = list(message.attempts_log.order_by("attempt").values_list("outcome", "smtp_code"))
     assert outcomes == [("deferred", 452), ("deferred", 452), ("failed", 452)]
     assert not Suppression.objects.exists(), "a full mailbox is not a bad address"
-    assert redisstore.client().hlen(redisstore.RETRY_COUNTS) == 0
+    assert redisstore.client().hlen(keys.RETRY_COUNTS) == 0
 
 
 def test_a_relay_that_is_down_defers_the_batch_and_delivers_it_when_back(

@@ -15,7 +15,7 @@ from django.test import Client, override_settings
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from email_service import metrics, ratelimit, services
+from email_service import keys, metrics, ratelimit, services
 from email_service.models import Campaign, Queue
 from tests.support.processes import RedisServer
 
@@ -33,7 +33,7 @@ ALLOWED_LABELS: dict[str, set[str]] = {
     "status": set(Campaign.Status.values),
     "period": {"second", "hour", "day"},
     "pool": {"high_priority", "bulk", "bulk+high_priority"},
-    "le": {*(str(b) for b in metrics.LATENCY_BUCKETS), "+Inf"},
+    "le": {*(str(b) for b in keys.LATENCY_BUCKETS), "+Inf"},
 }
 
 
@@ -64,20 +64,20 @@ def mailroom_samples(families: dict[str, Metric]) -> Iterator[tuple[str, dict[st
 
 def observe(r: redis.Redis, queue: str, seconds: float) -> None:
     """One latency observation, written as the worker side does."""
-    field = next((str(b) for b in metrics.LATENCY_BUCKETS if seconds <= b), "+Inf")
-    r.hincrby(metrics.latency_key(queue), field, 1)
-    r.hincrby(metrics.latency_key(queue), "count", 1)
-    r.hincrbyfloat(metrics.latency_key(queue), "sum", seconds)
+    field = next((str(b) for b in keys.LATENCY_BUCKETS if seconds <= b), "+Inf")
+    r.hincrby(keys.latency_key(queue), field, 1)
+    r.hincrby(keys.latency_key(queue), "count", 1)
+    r.hincrbyfloat(keys.latency_key(queue), "sum", seconds)
 
 
 def realistic_data(r: redis.Redis) -> None:
     """Everything the workers write, plus address-bearing keys that must stay out."""
     for queue in Queue.values:
         for outcome in ("sent", "failed", "suppressed"):
-            r.set(metrics.counter_key(outcome, queue), 3)
+            r.set(keys.counter_key(outcome, queue), 3)
         for reply_class in ("4xx", "5xx", "network"):
-            r.set(metrics.retried_key(queue, reply_class), 2)
-        r.set(metrics.connections_key(queue), 4)
+            r.set(keys.retried_key(queue, reply_class), 2)
+        r.set(keys.connections_key(queue), 4)
         r.rpush(queue, "task-1", "task-2")
         for seconds in (0.01, 0.3, 7, 4000):
             observe(r, queue, seconds)
@@ -134,7 +134,7 @@ def test_latency_histogram_is_cumulative(client: Client, redis_server: redis.Red
     assert sample(families, name, f"{name}_sum", queue=HIGH) == pytest.approx(5003.47)
     assert sample(families, name, f"{name}_count", queue=BULK) == 0
     buckets = [s.value for s in families[name].samples if s.name.endswith("_bucket")]
-    assert len(buckets) == 2 * (len(metrics.LATENCY_BUCKETS) + 1)
+    assert len(buckets) == 2 * (len(keys.LATENCY_BUCKETS) + 1)
 
 
 def test_queue_depth_and_workers_online(client: Client, redis_server: redis.Redis) -> None:
@@ -244,4 +244,4 @@ def test_module_reimports_and_registries_are_independent() -> None:
     importlib.reload(metrics)
     first, second = metrics.build_registry(), metrics.build_registry()
     assert first is not second
-    assert list(metrics.LATENCY_BUCKETS) == sorted(set(metrics.LATENCY_BUCKETS))
+    assert list(keys.LATENCY_BUCKETS) == sorted(set(keys.LATENCY_BUCKETS))

@@ -19,7 +19,7 @@ import redis
 from celery import current_app
 
 import email_service.tasks  # noqa: F401  registered, as in a worker: time limits in headers
-from email_service import publisher, redisstore, services
+from email_service import keys, publisher, redisstore, services
 
 TASK = "email_service.deliver_high_priority"
 VARYING_HEADERS = {"id", "root_id", "argsrepr", "origin"}
@@ -109,6 +109,6 @@ def test_accepting_mail_writes_the_token_and_the_task_together(redis_server: red
     [raw] = redis_server.lrange("high_priority", 0, -1)
     _, body = _decoded(cast(bytes, raw))
     assert body[0] == [[str(message.id)], message.dispatch_token]
-    key = redisstore.dispatch_key(message.dispatch_token)
+    key = keys.dispatch_key(message.dispatch_token)
     assert redis_server.get(key) == b"1"
     assert 0 < redis_server.ttl(key) <= redisstore.DISPATCH_TOKEN_TTL

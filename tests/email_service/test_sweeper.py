@@ -12,7 +12,7 @@ import redis
 from django.test import override_settings
 from django.utils import timezone
 
-from email_service import redisstore, services
+from email_service import keys, services
 from email_service.models import Campaign, DeliveryAttempt, Message
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -144,7 +144,7 @@ def test_the_pause_switch_survives_a_redis_flush(redis_server: redis.Redis) -> N
     redis_server.flushall()
 
     assert services.is_bulk_paused() is True
-    assert redis_server.get(redisstore.BULK_PAUSE) == b"1", "the mirror is restored"
+    assert redis_server.get(keys.BULK_PAUSE) == b"1", "the mirror is restored"
     services.resume_bulk()
     redis_server.flushall()
     assert services.is_bulk_paused() is False
@@ -171,7 +171,7 @@ def test_the_dispatcher_heals_a_stale_campaign_mirror(redis_server: redis.Redis)
     services.add_recipients(campaign, [{"email": "mirror@example.com"}])
     services.start_campaign(campaign)
     Campaign.objects.filter(id=campaign.id).update(status="paused")  # mirror now stale
-    key = redisstore.campaign_state_key(campaign.id)
+    key = keys.campaign_state_key(campaign.id)
     assert redis_server.get(key) == b"sending"
 
     services.dispatch_campaigns()

@@ -21,7 +21,7 @@ from django.conf import settings
 from django.db import connections, router
 from django.utils import timezone
 
-from email_service import redisstore
+from email_service import keys, redisstore
 from email_service.models import ApiKey
 
 logger = logging.getLogger(__name__)
@@ -29,9 +29,6 @@ logger = logging.getLogger(__name__)
 _ALPHABET = string.ascii_letters + string.digits
 PREFIX_LENGTH = 8
 SECRET_LENGTH = 32
-RATE_KEY = "mailroom:apikey:rate:{prefix}:{window}"
-# Failed authentications per client address (hashed) and minute.
-FAILURES_KEY = "mailroom:apikey:failures:{address}:{window}"
 # last_used_at is written at most this often per key, not on every request.
 TOUCH_EVERY_SECONDS = 60
 
@@ -138,7 +135,7 @@ def check_rate(api_key: ApiKey) -> RateDecision:
     if not limit:
         return RateDecision(True, 0, 0, 0)
     window = int(time.time() // 60)
-    key = RATE_KEY.format(prefix=api_key.prefix, window=window)
+    key = keys.api_rate_key(api_key.prefix, window)
     try:
         pipe = redisstore.client().pipeline(transaction=False)
         pipe.incr(key)
@@ -162,7 +159,7 @@ def count_failure(address: str) -> RateDecision:
     limit = settings.MAILROOM_API_AUTH_FAILURES_PER_MINUTE
     window = int(time.time() // 60)
     hashed = hashlib.sha256(address.encode()).hexdigest()[:32]
-    key = FAILURES_KEY.format(address=hashed, window=window)
+    key = keys.api_failures_key(hashed, window)
     try:
         pipe = redisstore.client().pipeline(transaction=False)
         pipe.incr(key)

@@ -18,3 +18,8 @@ class IdempotencyConflict(Exception):
 
 class SenderNotAllowed(InvalidEmailRequest):
     """A sender outside what the caller (its API key, or the process's settings) may use."""
+
+
+class IllegalState(InvalidEmailRequest):
+    """A change the object's current state does not allow (pausing a finished campaign,
+    adding recipients to a cancelled one): the HTTP API answers 409 ``invalid_state``."""

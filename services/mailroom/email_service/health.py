@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from django.db import connection
+import redis
+from django.db import DatabaseError, connection
 from django.http import HttpRequest, JsonResponse
 
 from email_service import redisstore
@@ -21,12 +22,12 @@ def readyz(request: HttpRequest) -> JsonResponse:
             cursor.execute("SELECT 1")
             cursor.fetchone()
         checks["postgres"] = "ok"
-    except Exception as exc:
+    except DatabaseError as exc:
         checks["postgres"] = f"error: {type(exc).__name__}"
     try:
         redisstore.client().ping()
         checks["redis"] = "ok"
-    except Exception as exc:
+    except (redis.RedisError, OSError) as exc:
         checks["redis"] = f"error: {type(exc).__name__}"
     ready = all(value == "ok" for value in checks.values())
     return JsonResponse(

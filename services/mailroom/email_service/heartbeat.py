@@ -19,7 +19,7 @@ from typing import Any
 import redis
 from celery.signals import worker_ready, worker_shutdown
 
-from email_service import redisstore
+from email_service import keys, redisstore
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ _state: dict[str, str] = {}
 
 
 def worker_key(pool: str, hostname: str) -> str:
-    return f"mailroom:worker:{pool}:{hostname}"
+    return keys.worker_key(pool, hostname)
 
 
 def pool_name(queues: list[str]) -> str:

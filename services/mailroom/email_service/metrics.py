@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
+from django.db import DatabaseError
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -33,63 +34,24 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from email_service.keys import (
+    INF,
+    LATENCY_BUCKETS,
+    QUEUES,
+    WORKER_PATTERN,
+    connections_key,
+    counter_key,
+    latency_field,
+    latency_key,
+    retried_key,
+)
+
 logger = logging.getLogger(__name__)
 
-# Delivery latency (accepted by Mailroom -> accepted by the SMTP relay), in seconds.
-# Transactional mail targets p99 < 0.5 s, so the buckets are dense below a second
-# (0.05 .. 1.0) to tell a healthy relay from a slow one; retries move latency into
-# minutes and hours (backoff up to MAILROOM_RETRY_MAX_SECONDS, 1 h by default, and
-# campaigns paced by the rate limiter), hence the long tail up to an hour.
-LATENCY_BUCKETS: tuple[float, ...] = (
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    300.0,
-    900.0,
-    3600.0,
-)
-INF = "+Inf"
-
-# The queues (email_service.models.Queue values; also the Celery list keys).
-QUEUES: tuple[str, ...] = ("high_priority", "bulk")
 REPLY_CLASSES: tuple[str, ...] = ("4xx", "5xx", "network")
 POOLS: tuple[str, ...] = ("high_priority", "bulk", "bulk+high_priority")
 PERIODS: tuple[str, ...] = ("second", "hour", "day")
 OUTCOMES: tuple[str, ...] = ("sent", "failed", "suppressed")
-WORKER_PATTERN = "mailroom:worker:*"
-WAITS_KEY = "mailroom:ratelimit:waits_total"
-
-
-def counter_key(outcome: str, queue: str) -> str:
-    """``mailroom:<outcome>_total:<queue>``, e.g. ``mailroom:sent_total:bulk``."""
-    return f"mailroom:{outcome}_total:{queue}"
-
-
-def retried_key(queue: str, reply_class: str) -> str:
-    """``mailroom:retried_total:<queue>:<reply_class>``."""
-    return f"mailroom:retried_total:{queue}:{reply_class}"
-
-
-def connections_key(queue: str) -> str:
-    """``mailroom:smtp_connections_total:<queue>``."""
-    return f"mailroom:smtp_connections_total:{queue}"
-
-
-def latency_key(queue: str) -> str:
-    """``mailroom:latency:<queue>``: a hash of per-bucket (non-cumulative) counts."""
-    return f"mailroom:latency:{queue}"
-
-
-def latency_field(bound: float) -> str:
-    """The hash field of a bucket: ``str(bound)`` ("0.05", "1.0", "3600.0")."""
-    return str(bound)
 
 
 # --------------------------------------------------------------------------------------
@@ -231,10 +193,10 @@ def _workers(client: redis.Redis) -> Iterator[Metric]:
 
 
 def _paused() -> Iterator[Metric]:
-    from email_service import services
+    from email_service import switches
 
     yield GaugeMetricFamily(
-        "mailroom_bulk_paused", "1 while bulk sending is paused.", int(services.is_bulk_paused())
+        "mailroom_bulk_paused", "1 while bulk sending is paused.", int(switches.is_bulk_paused())
     )
 
 
@@ -327,7 +289,8 @@ class MailroomCollector(Collector):
             try:
                 for family in source():
                     families.append(family)
-            except Exception as exc:  # What was read before the failure is still exported.
+            except (redis.RedisError, DatabaseError, OSError, ValueError) as exc:
+                # What was read before the failure is still exported.
                 logger.warning("metrics: cannot read %s", name, exc_info=True)
                 errors += 1
                 redis_down = redis_down or isinstance(exc, redis.RedisError)

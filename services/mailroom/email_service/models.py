@@ -99,7 +99,10 @@ class Message(models.Model):
     context = models.JSONField(default=dict, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     attempts = models.PositiveIntegerField(default=0)
+    # Not before: a retry's backoff, or the send_at / countdown / eta it was accepted with.
     next_attempt_at = models.DateTimeField(null=True, blank=True)
+    # Unsent at this time, it is cancelled (status_reason "expired"): Celery's ``expires``.
+    expires_at = models.DateTimeField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     # Identifies the Celery task that should deliver this row; the sweeper checks it in Redis.
     dispatch_token = models.CharField(max_length=64, blank=True, default="")
@@ -157,6 +160,12 @@ class Message(models.Model):
                 fields=["-attempts", "next_attempt_at"],
                 name="msg_deferred_attempts_idx",
                 condition=models.Q(status="deferred"),
+            ),
+            # The sweeper's expiry pass: only unsent rows that carry an expiry.
+            models.Index(
+                fields=["expires_at"],
+                name="msg_expiring_idx",
+                condition=models.Q(status__in=["queued", "deferred"], expires_at__isnull=False),
             ),
         ]
         constraints = [

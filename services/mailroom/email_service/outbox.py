@@ -54,6 +54,7 @@ def claim(ids: Sequence[uuid.UUID | str], lease_seconds: float) -> list[ClaimedR
          WHERE m.id = ANY(%s)
            AND m.status IN ('queued', 'deferred')
            AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
+           AND (m.expires_at IS NULL OR m.expires_at > now())
            AND (m.campaign_id IS NULL OR EXISTS (
                 SELECT 1 FROM {CAMPAIGN} c WHERE c.id = m.campaign_id AND c.status = 'sending'))
      RETURNING m.id, m.queue, m.from_email, m.to_email, m.subject, m.template, m.context,
@@ -227,15 +228,18 @@ def orphan_candidates(
 ) -> list[tuple[uuid.UUID, str, str]]:
     """Rows waiting for a task that may be gone: (id, queue, dispatch_token).
 
-    Queued rows older than ``stale_seconds``, and deferred rows that are due. Bulk rows
+    Queued rows older than ``stale_seconds`` (once due, when they were accepted with a
+    ``send_at``), and deferred rows that are due; never an expired one. Bulk rows
     are left alone while bulk is paused, and so are rows of a campaign not sending.
     """
     sql = f"""
         SELECT m.id, m.queue, m.dispatch_token FROM {MESSAGE} m
          WHERE ((m.status = 'queued'
                  AND (m.dispatched_at IS NULL
-                      OR m.dispatched_at < now() - make_interval(secs => %s)))
+                      OR m.dispatched_at < now() - make_interval(secs => %s))
+                 AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now()))
              OR (m.status = 'deferred' AND m.next_attempt_at <= now()))
+           AND (m.expires_at IS NULL OR m.expires_at > now())
            AND (%s OR m.queue <> 'bulk')
            AND (m.campaign_id IS NULL OR m.dispatched_at IS NOT NULL)
            AND (m.campaign_id IS NULL OR EXISTS (
@@ -246,6 +250,22 @@ def orphan_candidates(
     with connection.cursor() as cursor:
         cursor.execute(sql, [stale_seconds, include_bulk, limit])
         return [(row[0], row[1], row[2]) for row in cursor.fetchall()]
+
+
+def expire_unsent() -> int:
+    """Cancel the unsent rows whose ``expires_at`` has passed (reason ``expired``).
+
+    A row being sent right now (``sending``) is left to finish: its claim came first."""
+    sql = f"""
+        UPDATE {MESSAGE}
+           SET status = 'cancelled', status_reason = 'expired', dispatch_token = '',
+               lease_expires_at = NULL, updated_at = now()
+         WHERE status IN ('queued', 'deferred') AND expires_at IS NOT NULL
+           AND expires_at <= now()
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql)
+        return int(cursor.rowcount)
 
 
 def retoken(ids: Sequence[uuid.UUID], dead_tokens: Sequence[str], token: str) -> list[uuid.UUID]:

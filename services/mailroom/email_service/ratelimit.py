@@ -65,18 +65,21 @@ from django.conf import settings
 from django.db import transaction
 from redis.commands.core import Script
 
-from email_service import redisstore
+from email_service import keys, redisstore
 from email_service.models import Queue, RuntimeSetting
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "mailroom:ratelimit:"
-LIMITS_KEY = f"{PREFIX}limits"
-THROTTLE_KEY = f"{PREFIX}throttle"
-WAITS_KEY = f"{PREFIX}waits_total"
-THROTTLES_KEY = f"{PREFIX}throttles_total"
+# Key names live in email_service.keys; these names stay for readability here.
+PREFIX = keys.RATELIMIT_PREFIX
+LIMITS_KEY = keys.RATE_LIMITS_KEY
+THROTTLE_KEY = keys.THROTTLE_KEY
+WAITS_KEY = keys.WAITS_KEY
+THROTTLES_KEY = keys.THROTTLES_KEY
 PERIODS = (("second", 1), ("hour", 3600), ("day", 86400))
-BUCKET_KEYS = tuple(f"{PREFIX}{kind}:{name}" for kind in ("all", "bulk") for name, _ in PERIODS)
+BUCKET_KEYS = tuple(
+    keys.rate_bucket_key(kind, name) for kind in ("all", "bulk") for name, _ in PERIODS
+)
 
 RUNTIME_SETTING = "rate_limits"
 LIMIT_FIELDS = ("per_second", "per_hour", "per_day")

@@ -17,20 +17,13 @@ from typing import cast
 import redis
 from django.conf import settings
 
-logger = logging.getLogger(__name__)
+from email_service import keys
 
-# The classic keys of the original design, kept so its users find what they know.
-SENT_TOTAL = "email_sent_total"
-FAILED_TOTAL = "email_failed_total"
-RETRY_COUNTS = "email_retry_counts"
-BULK_PAUSE = "bulk_email_pause"
+logger = logging.getLogger(__name__)
 
 # A queued batch waiting longer than this is re-enqueued by the sweeper (claims make
 # the extra task harmless); it also bounds the life of a token orphaned by an outage.
 DISPATCH_TOKEN_TTL = 24 * 3600
-# Time-bucketed counters for live rates and charts: 10 s buckets kept for an hour.
-SERIES_BUCKET_SECONDS = 10
-SERIES_TTL_SECONDS = 3600
 _OFF_VALUES = {b"0", b"", b"false", b"False", b"no", b"off"}
 
 
@@ -40,14 +33,6 @@ def client() -> redis.Redis:
     return redis.Redis.from_url(
         settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30
     )
-
-
-def queue_key(metric: str, queue: str) -> str:
-    return f"mailroom:{metric}:{queue}"
-
-
-def dispatch_key(token: str) -> str:
-    return f"mailroom:dispatch:{token}"
 
 
 def parse_pause(raw: bytes | None) -> bool | None:
@@ -62,18 +47,6 @@ class Outcome:
     FAILED = "failed"
     RETRIED = "retried"
     SUPPRESSED = "suppressed"
-
-
-def campaign_state_key(campaign_id: object) -> str:
-    return f"mailroom:campaign:{campaign_id}:state"
-
-
-def series_key(name: str, bucket: int) -> str:
-    return f"mailroom:series:{name}:{bucket}"
-
-
-def bucket_of(now: float) -> int:
-    return int(now // SERIES_BUCKET_SECONDS)
 
 
 class Tally:
@@ -108,32 +81,30 @@ class Tally:
     ) -> None:
         """Count one delivery outcome (flushed later)."""
         if outcome in (Outcome.SENT, Outcome.FAILED):
-            self.counts[SENT_TOTAL if outcome == Outcome.SENT else FAILED_TOTAL] += 1
+            self.counts[keys.SENT_TOTAL if outcome == Outcome.SENT else keys.FAILED_TOTAL] += 1
             self.forget.add(address)
         elif outcome == Outcome.RETRIED:
-            self.hash_counts[(RETRY_COUNTS, address)] += 1
+            self.hash_counts[(keys.RETRY_COUNTS, address)] += 1
             self.forget.discard(address)
             if reply_class:
-                self.counts[queue_key(f"{outcome}_total", f"{queue}:{reply_class}")] += 1
-        self.counts[queue_key(f"{outcome}_total", queue)] += 1
+                self.counts[keys.retried_key(queue, reply_class)] += 1
+        self.counts[keys.counter_key(outcome, queue)] += 1
         if latency is not None:
             self._observe_latency(queue, latency)
-        bucket = bucket_of(time.time())
+        bucket = keys.bucket_of(time.time())
         names = [f"{outcome}:{queue}"]
         if campaign_id is not None:
             names.append(f"campaign:{campaign_id}:{outcome}")
         for name in names:
-            self.counts[series_key(name, bucket)] += 1
-            self.expiring.add(series_key(name, bucket))
+            self.counts[keys.series_key(name, bucket)] += 1
+            self.expiring.add(keys.series_key(name, bucket))
 
     def _observe_latency(self, queue: str, seconds: float) -> None:
         """One observation of the delivery-latency histogram, kept in Redis so that every
         worker process on every host adds to the same buckets (non-cumulative here; the
         exporter makes them cumulative)."""
-        from email_service.metrics import LATENCY_BUCKETS
-
-        field = next((str(b) for b in LATENCY_BUCKETS if seconds <= b), "+Inf")
-        key = latency_key(queue)
+        field = keys.latency_bucket(seconds)
+        key = keys.latency_key(queue)
         self.hash_counts[(key, field)] += 1
         self.hash_counts[(key, "count")] += 1
         self.hash_sums[(key, "sum")] = self.hash_sums.get((key, "sum"), 0.0) + seconds
@@ -154,9 +125,9 @@ class Tally:
         for (key, field), total in self.hash_sums.items():
             pipe.hincrbyfloat(key, field, total)
         if self.forget:
-            pipe.hdel(RETRY_COUNTS, *self.forget)
+            pipe.hdel(keys.RETRY_COUNTS, *self.forget)
         for key in self.expiring:
-            pipe.expire(key, SERIES_TTL_SECONDS)
+            pipe.expire(key, keys.SERIES_TTL_SECONDS)
         try:
             pipe.execute()
         except redis.RedisError:
@@ -171,28 +142,25 @@ class Tally:
         self.expiring.clear()
 
 
-def read(keys: tuple[str, ...]) -> list[bytes | None] | None:
-    """The values of ``keys`` (one round trip), or None when Redis does not answer."""
-    if not keys:
+def read(names: tuple[str, ...]) -> list[bytes | None] | None:
+    """The values of the keys ``names`` (one round trip), or None when Redis does not
+    answer."""
+    if not names:
         return []
     try:
-        return cast(list[bytes | None], client().mget(keys))
+        return cast(list[bytes | None], client().mget(names))
     except redis.RedisError:
-        logger.warning("could not read %s from Redis", ", ".join(keys))
+        logger.warning("could not read %s from Redis", ", ".join(names))
         return None
-
-
-def latency_key(queue: str) -> str:
-    return f"mailroom:latency:{queue}"
 
 
 def series_sum(name: str, seconds: float, now: float | None = None) -> int:
     """The total of a time-bucketed series over the last ``seconds``."""
-    last = bucket_of(time.time() if now is None else now)
-    first = last - max(int(seconds // SERIES_BUCKET_SECONDS), 1) + 1
-    keys = [series_key(name, b) for b in range(first, last + 1)]
+    last = keys.bucket_of(time.time() if now is None else now)
+    first = last - max(int(seconds // keys.SERIES_BUCKET_SECONDS), 1) + 1
+    names = [keys.series_key(name, b) for b in range(first, last + 1)]
     try:
-        values = client().mget(keys)
+        values = client().mget(names)
     except redis.RedisError:
         return 0
     return sum(int(v) for v in values if v)
@@ -201,6 +169,6 @@ def series_sum(name: str, seconds: float, now: float | None = None) -> int:
 def count(queue: str, outcome: str, amount: int = 1) -> None:
     """Add to a per-queue counter only (no per-address bookkeeping)."""
     try:
-        client().incrby(queue_key(f"{outcome}_total", queue), amount)
+        client().incrby(keys.counter_key(outcome, queue), amount)
     except redis.RedisError:
         logger.warning("could not count %s in Redis", outcome, exc_info=True)

@@ -39,7 +39,7 @@ from pydantic import ValidationError as PydanticValidationError
 from email_service import ingest, services
 from email_service.api.auth import requires
 from email_service.api.errors import COMMON_ERRORS, ApiError, ErrorOut
-from email_service.exceptions import InvalidEmailRequest
+from email_service.exceptions import IllegalState
 from email_service.models import Campaign
 from email_service.validation import storable_text
 
@@ -48,8 +48,6 @@ router = Router(tags=["campaigns"], auth=requires("campaigns"))
 CampaignStatus = Literal["draft", "scheduled", "sending", "paused", "completed", "cancelled"]
 MAX_PAGE = 100
 MAX_REPORTED_EMAIL = 320
-# InvalidEmailRequest fields that services use for "not in this state".
-STATE_FIELDS = frozenset({"status", "campaign", "recipients"})
 
 
 # --------------------------------------------------------------------------------------
@@ -722,13 +720,11 @@ def _get(campaign_id: str) -> Campaign:
 
 @contextmanager
 def _state_conflict(action: str) -> Iterator[None]:
-    """Services refuse an illegal transition with InvalidEmailRequest("status", ...):
-    that is a 409 ``invalid_state``; other bad fields stay 422."""
+    """Services refuse an illegal transition with ``IllegalState``: that is a 409
+    ``invalid_state``; other bad fields stay 422."""
     try:
         yield
-    except InvalidEmailRequest as exc:
-        if exc.field not in STATE_FIELDS:
-            raise
+    except IllegalState as exc:
         message = f"the campaign {exc.message}" if exc.field == "campaign" else exc.message
         raise ApiError(
             409,

@@ -38,7 +38,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.urls import reverse
 
-from email_service import redisstore
+from email_service import keys, redisstore
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class LoginThrottle:
     def __init__(self, username: str, address: str) -> None:
         # Hashed: the key holds neither the username nor the address in clear.
         digest = hashlib.sha256(f"{username.strip().lower()}\0{address}".encode()).hexdigest()
-        self.key = f"mailroom:login_failures:{digest[:32]}"
+        self.key = keys.login_failures_key(digest[:32])
 
     @classmethod
     def of(cls, request: HttpRequest, username: object) -> LoginThrottle:

@@ -23,7 +23,7 @@ import redis
 from django.conf import settings
 from django.db.models import QuerySet
 
-from email_service import redisstore, services
+from email_service import keys, redisstore, services
 from email_service.metrics import QUEUES
 from email_service.models import Campaign, Message
 
@@ -146,7 +146,7 @@ def snapshot() -> Snapshot:
 def retrying_addresses() -> int | None:
     """How many addresses wait for a retry (the workers' ``email_retry_counts`` hash)."""
     try:
-        return int(redisstore.client().hlen(redisstore.RETRY_COUNTS))
+        return int(redisstore.client().hlen(keys.RETRY_COUNTS))
     except redis.RedisError:
         return None
 
@@ -227,17 +227,17 @@ def throughput(minutes: int = CHART_MINUTES, now: float | None = None) -> Throug
     """Sent and failed per bucket over the last ``minutes``, from the workers'
     time-bucketed counters (``mailroom:series:<outcome>:<queue>:<bucket>``), one MGET."""
     now = time.time() if now is None else now
-    size = redisstore.SERIES_BUCKET_SECONDS
-    last = redisstore.bucket_of(now)
+    size = keys.SERIES_BUCKET_SECONDS
+    last = keys.bucket_of(now)
     buckets = list(range(last - minutes * 60 // size + 1, last + 1))
-    keys = [
-        redisstore.series_key(f"{outcome}:{queue}", bucket)
+    names = [
+        keys.series_key(f"{outcome}:{queue}", bucket)
         for outcome in OUTCOMES
         for queue in QUEUES
         for bucket in buckets
     ]
     try:
-        values = cast(list[bytes | None], redisstore.client().mget(keys))
+        values = cast(list[bytes | None], redisstore.client().mget(names))
     except redis.RedisError:
         return None
     width = len(buckets)
