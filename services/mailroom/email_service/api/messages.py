@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from django.http import HttpRequest
 from django.urls import register_converter
 from ninja import Field, Header, Query, Router, Schema, Status
-from pydantic import AfterValidator
+from pydantic import AfterValidator, AwareDatetime
 
 from email_service import services
 from email_service.api.auth import requires
@@ -120,6 +120,12 @@ class SendIn(Schema):
     queue: QueueName = Field(
         "high_priority", description="`high_priority` (transactional) or `bulk`."
     )
+    send_at: AwareDatetime | None = Field(
+        None, description="Not before then (ISO 8601 with a time zone); default: at once."
+    )
+    expires_at: AwareDatetime | None = Field(
+        None, description='Unsent by then, it is cancelled (`status_reason` "expired").'
+    )
 
 
 class AcceptedOut(Schema):
@@ -151,7 +157,10 @@ class MessageSummary(Schema):
     attempt_count: int
     last_smtp_code: int | None
     last_smtp_reply: str
-    next_attempt_at: datetime | None
+    next_attempt_at: datetime | None = Field(
+        description="Not before then: a retry's backoff, or the `send_at` it was sent with."
+    )
+    expires_at: datetime | None
     created_at: datetime
     updated_at: datetime
     sent_at: datetime | None
@@ -201,6 +210,7 @@ def _summary(message: Message) -> dict[str, Any]:
         "last_smtp_code": message.last_smtp_code,
         "last_smtp_reply": message.last_smtp_reply,
         "next_attempt_at": message.next_attempt_at,
+        "expires_at": message.expires_at,
         "created_at": message.created_at,
         "updated_at": message.updated_at,
         "sent_at": message.sent_at,
@@ -249,6 +259,8 @@ def send_message(
         queue=payload.queue,
         idempotency_key=idempotency_key,
         api_key=request.auth,  # type: ignore[attr-defined]
+        send_at=payload.send_at,
+        expires_at=payload.expires_at,
     )
     return Status(202, _accepted(message))
 
