@@ -401,7 +401,11 @@ class _Writer:
             self.staging, sql.SQL(", ").join(columns)
         )
         self.insert_sql = _insert_sql(self.staging, layout)
-        self.params = [*_constants(campaign, timezone.now()), *layout.context_params]
+        self.params = [
+            *_constants(campaign, timezone.now()),
+            *layout.context_params,
+            Suppression.reasons_blocking(Queue.BULK),  # the one suppression rule
+        ]
         self.used = False
 
     def store(self, chunk: _Chunk) -> tuple[int, int]:
@@ -448,24 +452,27 @@ def _insert_sql(staging: sql.Identifier, layout: _Layout) -> sql.Composed:
                 status, status_reason, attempts, dispatch_token, dispatched_at,
                 last_smtp_reply, message_id_header, idempotency_key, created_at, updated_at)
             SELECT s.id, {queue}, %s, %s, s.email, %s, %s, s.context,
-                   CASE WHEN s.blocked THEN 'suppressed' ELSE 'queued' END,
+                   CASE WHEN s.blocked THEN {suppressed} ELSE {queued} END,
                    CASE WHEN s.blocked THEN 'suppressed' ELSE '' END,
                    0, '', NULL, '', '<' || replace(s.id::text, '-', '') || '@' || %s || '>',
                    NULL, %s, %s
               FROM (SELECT gen_random_uuid() AS id, s.line, {email} AS email,
                            {context} AS context,
                            EXISTS (SELECT 1 FROM {suppression} x
-                                    WHERE x.address = lower({email})) AS blocked
+                                    WHERE x.address = lower({email})
+                                      AND x.reason = ANY(%s)) AS blocked
                       FROM {staging} s OFFSET 0) s
              ORDER BY s.line
             ON CONFLICT (campaign_id, lower(to_email)) WHERE campaign_id IS NOT NULL
             DO NOTHING
             RETURNING status)
-        SELECT count(*), count(*) FILTER (WHERE status = 'suppressed') FROM new
+        SELECT count(*), count(*) FILTER (WHERE status = {suppressed}) FROM new
         """
     ).format(
         message=sql.Identifier(MESSAGE),
         queue=sql.Literal(str(Queue.BULK)),
+        suppressed=sql.Literal(str(Message.Status.SUPPRESSED)),
+        queued=sql.Literal(str(Message.Status.QUEUED)),
         email=sql.SQL("s.{}").format(sql.Identifier(f"c{layout.email}")),
         context=layout.context,
         suppression=sql.Identifier(SUPPRESSION),

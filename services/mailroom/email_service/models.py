@@ -224,11 +224,21 @@ class Suppression(models.Model):
 
     address = models.CharField(max_length=320, primary_key=True)
     reason = models.CharField(max_length=16, choices=Reason.choices)
+
     detail = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(db_default=Now())
 
     def __str__(self) -> str:
         return f"{self.address} ({self.reason})"
+
+    @classmethod
+    def reasons_blocking(cls, queue: str) -> list[str]:
+        """The suppression rule, the one definition every path uses (ORM and SQL): an
+        unsubscribe stops bulk mail only, so a password reset still reaches the person
+        who left the newsletter; hard bounces, complaints and manual entries stop all."""
+        if queue == Queue.BULK:
+            return list(cls.Reason.values)
+        return [reason for reason in cls.Reason.values if reason != cls.Reason.UNSUBSCRIBE]
 
 
 class ControlFlag(models.Model):

@@ -17,13 +17,32 @@ from typing import Any
 from django.db import DatabaseError, connection
 from psycopg import pq
 
-from email_service.models import CampaignCount, DeliveryAttempt, Message, Suppression
+from email_service.models import Campaign, CampaignCount, DeliveryAttempt, Message, Suppression
 
 MESSAGE = Message._meta.db_table
 ATTEMPT = DeliveryAttempt._meta.db_table
 CAMPAIGN = Message._meta.get_field("campaign").related_model._meta.db_table  # type: ignore[union-attr]
 COUNTS = CampaignCount._meta.db_table
 SUPPRESSION = Suppression._meta.db_table
+
+
+def _sql(value: str) -> str:
+    """A status as an SQL literal. Only these model constants are ever interpolated."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+# Statuses in SQL come from the models, never typed again as literals.
+QUEUED = _sql(Message.Status.QUEUED)
+SENDING = _sql(Message.Status.SENDING)
+SENT = _sql(Message.Status.SENT)
+DEFERRED = _sql(Message.Status.DEFERRED)
+FAILED = _sql(Message.Status.FAILED)
+CANCELLED = _sql(Message.Status.CANCELLED)
+SUPPRESSED = _sql(Message.Status.SUPPRESSED)
+CAMPAIGN_SENDING = _sql(Campaign.Status.SENDING)
+CAMPAIGN_CANCELLED = _sql(Campaign.Status.CANCELLED)
+OUTCOME_SENT = _sql(DeliveryAttempt.Outcome.SENT)
+OUTCOME_FAILED = _sql(DeliveryAttempt.Outcome.FAILED)
 
 
 @dataclass(frozen=True)
@@ -49,14 +68,15 @@ def claim(ids: Sequence[uuid.UUID | str], lease_seconds: float) -> list[ClaimedR
     """Take the rows that are due and not taken; return them in the order asked."""
     sql = f"""
         UPDATE {MESSAGE} AS m
-           SET status = 'sending', attempts = m.attempts + 1, updated_at = now(),
+           SET status = {SENDING}, attempts = m.attempts + 1, updated_at = now(),
                lease_expires_at = now() + make_interval(secs => %s)
          WHERE m.id = ANY(%s)
-           AND m.status IN ('queued', 'deferred')
+           AND m.status IN ({QUEUED}, {DEFERRED})
            AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now())
            AND (m.expires_at IS NULL OR m.expires_at > now())
            AND (m.campaign_id IS NULL OR EXISTS (
-                SELECT 1 FROM {CAMPAIGN} c WHERE c.id = m.campaign_id AND c.status = 'sending'))
+                SELECT 1 FROM {CAMPAIGN} c
+                 WHERE c.id = m.campaign_id AND c.status = {CAMPAIGN_SENDING}))
      RETURNING m.id, m.queue, m.from_email, m.to_email, m.subject, m.template, m.context,
                m.message_id_header, m.attempts, m.campaign_id, m.created_at
     """
@@ -73,8 +93,8 @@ _RECORD_SQL = f"""
            SET status = $1::varchar, last_smtp_code = $2::int, last_smtp_reply = $3::text,
                updated_at = now(),
                next_attempt_at = $4::timestamptz, lease_expires_at = NULL, dispatch_token = '',
-               sent_at = CASE WHEN $1::varchar = 'sent' THEN now() ELSE sent_at END
-         WHERE id = $5::uuid AND status IN ('sending', 'queued', 'deferred')
+               sent_at = CASE WHEN $1::varchar = {OUTCOME_SENT} THEN now() ELSE sent_at END
+         WHERE id = $5::uuid AND status IN ({SENDING}, {QUEUED}, {DEFERRED})
      RETURNING id, attempts)
     INSERT INTO {ATTEMPT} (message_id, attempt, outcome, smtp_code, smtp_reply, created_at)
     SELECT id, attempts, $1::varchar, $2::int, $3::text, now() FROM m
@@ -149,14 +169,14 @@ def release(ids: Sequence[uuid.UUID], next_attempt_at: datetime | None = None) -
     status = "deferred" if next_attempt_at else "queued"
     sql = f"""
         UPDATE {MESSAGE} AS m
-           SET status = CASE WHEN c.status = 'cancelled' THEN 'cancelled' ELSE %s END,
-               status_reason = CASE WHEN c.status = 'cancelled' THEN c.status_reason
+           SET status = CASE WHEN c.status = {CAMPAIGN_CANCELLED} THEN {CANCELLED} ELSE %s END,
+               status_reason = CASE WHEN c.status = {CAMPAIGN_CANCELLED} THEN c.status_reason
                                     ELSE m.status_reason END,
                attempts = GREATEST(m.attempts - 1, 0), lease_expires_at = NULL,
                next_attempt_at = %s, dispatch_token = '', updated_at = now(),
                dispatched_at = CASE WHEN m.campaign_id IS NULL THEN m.dispatched_at END
           FROM {MESSAGE} AS m2 LEFT JOIN {CAMPAIGN} AS c ON c.id = m2.campaign_id
-         WHERE m2.id = m.id AND m.id = ANY(%s) AND m.status = 'sending'
+         WHERE m2.id = m.id AND m.id = ANY(%s) AND m.status = {SENDING}
     """
     with connection.cursor() as cursor:
         cursor.execute(sql, [status, next_attempt_at, list(ids)])
@@ -166,7 +186,7 @@ def release(ids: Sequence[uuid.UUID], next_attempt_at: datetime | None = None) -
 def renew(ids: Sequence[uuid.UUID], lease_seconds: float) -> None:
     sql = f"""
         UPDATE {MESSAGE} SET lease_expires_at = now() + make_interval(secs => %s)
-         WHERE id = ANY(%s) AND status = 'sending'
+         WHERE id = ANY(%s) AND status = {SENDING}
     """
     with connection.cursor() as cursor:
         cursor.execute(sql, [lease_seconds, list(ids)])
@@ -174,9 +194,9 @@ def renew(ids: Sequence[uuid.UUID], lease_seconds: float) -> None:
 
 def mark_suppressed(ids: Sequence[uuid.UUID]) -> None:
     sql = f"""
-        UPDATE {MESSAGE} SET status = 'suppressed', lease_expires_at = NULL, updated_at = now(),
+        UPDATE {MESSAGE} SET status = {SUPPRESSED}, lease_expires_at = NULL, updated_at = now(),
                attempts = GREATEST(attempts - 1, 0), dispatch_token = ''
-         WHERE id = ANY(%s) AND status = 'sending'
+         WHERE id = ANY(%s) AND status = {SENDING}
     """
     with connection.cursor() as cursor:
         cursor.execute(sql, [list(ids)])
@@ -186,7 +206,7 @@ def set_token(ids: Sequence[uuid.UUID], token: str) -> list[uuid.UUID]:
     """Hand rows to a new task, unless they moved on meanwhile."""
     sql = f"""
         UPDATE {MESSAGE} SET dispatch_token = %s, dispatched_at = now()
-         WHERE id = ANY(%s) AND status IN ('queued', 'deferred')
+         WHERE id = ANY(%s) AND status IN ({QUEUED}, {DEFERRED})
      RETURNING id
     """
     with connection.cursor() as cursor:
@@ -203,18 +223,19 @@ def reclaim_expired(max_attempts: int) -> tuple[int, int]:
     fail_sql = f"""
         WITH m AS (
             UPDATE {MESSAGE}
-               SET status = 'failed', lease_expires_at = NULL, updated_at = now(),
+               SET status = {FAILED}, lease_expires_at = NULL, updated_at = now(),
                    last_smtp_code = NULL, last_smtp_reply = 'worker lost during every attempt'
-             WHERE status = 'sending' AND lease_expires_at < now() AND attempts >= %s
+             WHERE status = {SENDING} AND lease_expires_at < now() AND attempts >= %s
          RETURNING id, attempts)
         INSERT INTO {ATTEMPT} (message_id, attempt, outcome, smtp_code, smtp_reply, created_at)
-        SELECT id, attempts, 'failed', NULL, 'worker lost during every attempt', now() FROM m
+        SELECT id, attempts, {OUTCOME_FAILED}, NULL, 'worker lost during every attempt', now()
+          FROM m
     """
     requeue_sql = f"""
         UPDATE {MESSAGE}
-           SET status = 'queued', lease_expires_at = NULL, dispatch_token = '',
+           SET status = {QUEUED}, lease_expires_at = NULL, dispatch_token = '',
                dispatched_at = NULL, updated_at = now()
-         WHERE status = 'sending' AND lease_expires_at < now()
+         WHERE status = {SENDING} AND lease_expires_at < now()
     """
     with connection.cursor() as cursor:
         cursor.execute(fail_sql, [max_attempts])
@@ -234,16 +255,17 @@ def orphan_candidates(
     """
     sql = f"""
         SELECT m.id, m.queue, m.dispatch_token FROM {MESSAGE} m
-         WHERE ((m.status = 'queued'
+         WHERE ((m.status = {QUEUED}
                  AND (m.dispatched_at IS NULL
                       OR m.dispatched_at < now() - make_interval(secs => %s))
                  AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= now()))
-             OR (m.status = 'deferred' AND m.next_attempt_at <= now()))
+             OR (m.status = {DEFERRED} AND m.next_attempt_at <= now()))
            AND (m.expires_at IS NULL OR m.expires_at > now())
            AND (%s OR m.queue <> 'bulk')
            AND (m.campaign_id IS NULL OR m.dispatched_at IS NOT NULL)
            AND (m.campaign_id IS NULL OR EXISTS (
-                SELECT 1 FROM {CAMPAIGN} c WHERE c.id = m.campaign_id AND c.status = 'sending'))
+                SELECT 1 FROM {CAMPAIGN} c
+                 WHERE c.id = m.campaign_id AND c.status = {CAMPAIGN_SENDING}))
          ORDER BY m.dispatched_at NULLS FIRST
          LIMIT %s
     """
@@ -258,9 +280,9 @@ def expire_unsent() -> int:
     A row being sent right now (``sending``) is left to finish: its claim came first."""
     sql = f"""
         UPDATE {MESSAGE}
-           SET status = 'cancelled', status_reason = 'expired', dispatch_token = '',
+           SET status = {CANCELLED}, status_reason = 'expired', dispatch_token = '',
                lease_expires_at = NULL, updated_at = now()
-         WHERE status IN ('queued', 'deferred') AND expires_at IS NOT NULL
+         WHERE status IN ({QUEUED}, {DEFERRED}) AND expires_at IS NOT NULL
            AND expires_at <= now()
     """
     with connection.cursor() as cursor:
@@ -272,7 +294,7 @@ def retoken(ids: Sequence[uuid.UUID], dead_tokens: Sequence[str], token: str) ->
     """Move rows from dead tokens to a new one; a concurrent sweeper gets nothing."""
     sql = f"""
         UPDATE {MESSAGE} SET dispatch_token = %s, dispatched_at = now()
-         WHERE id = ANY(%s) AND status IN ('queued', 'deferred') AND dispatch_token = ANY(%s)
+         WHERE id = ANY(%s) AND status IN ({QUEUED}, {DEFERRED}) AND dispatch_token = ANY(%s)
      RETURNING id
     """
     with connection.cursor() as cursor:
@@ -286,7 +308,7 @@ def take_undispatched(campaign_id: uuid.UUID, limit: int, token: str) -> list[uu
     sql = f"""
         UPDATE {MESSAGE} SET dispatch_token = %s, dispatched_at = now()
          WHERE id IN (SELECT id FROM {MESSAGE}
-                       WHERE campaign_id = %s AND status = 'queued'
+                       WHERE campaign_id = %s AND status = {QUEUED}
                          AND dispatch_token = '' AND dispatched_at IS NULL
                        LIMIT %s FOR UPDATE SKIP LOCKED)
      RETURNING id
@@ -300,9 +322,9 @@ def cancel_unsent(campaign_id: uuid.UUID, reason: str) -> int:
     """Every message of the campaign that is not sent and not being sent ends cancelled."""
     sql = f"""
         UPDATE {MESSAGE}
-           SET status = 'cancelled', status_reason = %s, dispatch_token = '',
+           SET status = {CANCELLED}, status_reason = %s, dispatch_token = '',
                lease_expires_at = NULL, updated_at = now()
-         WHERE campaign_id = %s AND status IN ('queued', 'deferred')
+         WHERE campaign_id = %s AND status IN ({QUEUED}, {DEFERRED})
     """
     with connection.cursor() as cursor:
         cursor.execute(sql, [reason, campaign_id])
@@ -314,10 +336,10 @@ def requeue_failed(campaign_id: uuid.UUID, code: int | None, reply_class: str | 
     suppressed addresses. ``reply_class`` is "4xx", "5xx" or "network"."""
     sql = f"""
         UPDATE {MESSAGE} m
-           SET status = 'queued', attempts = 0, next_attempt_at = NULL, dispatch_token = '',
+           SET status = {QUEUED}, attempts = 0, next_attempt_at = NULL, dispatch_token = '',
                dispatched_at = NULL, lease_expires_at = NULL, status_reason = 'replayed',
                updated_at = now()
-         WHERE m.campaign_id = %s AND m.status = 'failed'
+         WHERE m.campaign_id = %s AND m.status = {FAILED}
            AND (%s::int IS NULL OR m.last_smtp_code = %s::int)
            AND (%s::text IS NULL
                 OR (%s = 'network' AND m.last_smtp_code IS NULL)

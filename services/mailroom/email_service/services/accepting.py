@@ -341,16 +341,9 @@ def _accept_one(
     token = message.dispatch_token  # "" when held for the sweeper
     using = router.db_for_write(Message)
     conn = connections[using]
-    sql, fields = _insert_one_sql(request.queue == Queue.BULK)
-    # The same rule as suppressed_addresses(): an unsubscribe stops bulk mail only.
-    blocked = (
-        [address.lower()]
-        if request.queue == Queue.BULK
-        else [
-            address.lower(),
-            Suppression.Reason.UNSUBSCRIBE,
-        ]
-    )
+    sql, fields = _insert_one_sql()
+    # The suppression rule (Suppression.reasons_blocking), checked inside the INSERT.
+    blocked = [address.lower(), Suppression.reasons_blocking(request.queue)]
     params: list[Any] = []
     for f in fields:
         if f.attname == "status":
@@ -378,7 +371,7 @@ def _accept_one(
 
 
 @functools.cache
-def _insert_one_sql(bulk: bool) -> tuple[str, list[Any]]:
+def _insert_one_sql() -> tuple[str, list[Any]]:
     """``INSERT INTO message (every column) VALUES (...) RETURNING status``, where status
     and dispatch_token are ``CASE WHEN EXISTS (a suppression) ...``: the suppression
     check runs in the INSERT's own snapshot, on the suppression table's primary key."""
@@ -387,8 +380,9 @@ def _insert_one_sql(bulk: bool) -> tuple[str, list[Any]]:
     address = supp.get_field("address").column
     reason = supp.get_field("reason").column
     # Every name comes from the models' metadata; every value is a bound parameter.
-    only_bulk = "" if bulk else f' AND "{reason}" <> %s'
-    exists = f'EXISTS (SELECT 1 FROM "{supp.db_table}" WHERE "{address}" = %s{only_bulk})'  # noqa: S608
+    exists = (
+        f'EXISTS (SELECT 1 FROM "{supp.db_table}" WHERE "{address}" = %s AND "{reason}" = ANY(%s))'  # noqa: S608
+    )
     fields = list(meta.local_concrete_fields)
     values = [
         f"CASE WHEN {exists} THEN %s ELSE %s END"

@@ -58,15 +58,11 @@ def enqueue(queue: str, ids: Sequence[uuid.UUID], token: str, countdown: float =
 
 
 def suppressed_addresses(addresses: Iterable[str], queue: str = Queue.BULK) -> set[str]:
-    """The addresses that must not get mail on ``queue``.
-
-    An unsubscribe stops bulk mail only: a password reset still reaches the person who
-    left the newsletter. Hard bounces, complaints and manual entries stop everything.
-    """
+    """The addresses that must not get mail on ``queue`` (``Suppression.reasons_blocking``)."""
     lowered = [a.lower() for a in addresses]
-    blocked = Suppression.objects.filter(address__in=lowered)
-    if queue != Queue.BULK:
-        blocked = blocked.exclude(reason=Suppression.Reason.UNSUBSCRIBE)
+    blocked = Suppression.objects.filter(
+        address__in=lowered, reason__in=Suppression.reasons_blocking(queue)
+    )
     return set(blocked.values_list("address", flat=True))
 
 
