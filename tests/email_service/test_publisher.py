@@ -112,3 +112,36 @@ def test_accepting_mail_writes_the_token_and_the_task_together(redis_server: red
     key = keys.dispatch_key(message.dispatch_token)
     assert redis_server.get(key) == b"1"
     assert 0 < redis_server.ttl(key) <= redisstore.DISPATCH_TOKEN_TTL
+
+
+def _normalised(raw: bytes, envelope: dict[str, Any]) -> bytes:
+    """The raw bytes with the values that differ per call (ids, tags, origin) replaced
+    by their names, so the rest can be compared byte for byte."""
+    headers, properties = envelope["headers"], envelope["properties"]
+    varying = {
+        **{f"header:{name}": headers[name] for name in VARYING_HEADERS if name in headers},
+        **{f"property:{name}": properties[name] for name in VARYING_PROPERTIES},
+    }
+    for name, value in sorted(varying.items(), key=lambda item: -len(json.dumps(item[1]))):
+        raw = raw.replace(json.dumps(value).encode(), f'"<{name}>"'.encode())
+    return raw
+
+
+@pytest.mark.django_db
+def test_the_task_message_is_byte_for_byte_what_send_task_writes(
+    redis_server: redis.Redis,
+) -> None:
+    """The contract with Celery and kombu: an upgrade that changes the message format
+    (a header added or renamed, the envelope's field order, the body's encoding) fails
+    here, and the publisher must be brought in line or dropped for send_task."""
+    args = [[str(uuid.uuid4())], "token-2"]
+    current_app.finalize()
+
+    theirs = _published(redis_server, lambda: current_app.send_task(TASK, args=args))[0]
+    ours = _published(
+        redis_server, lambda: publisher.publish(TASK, args, "mailroom:dispatch:u", 1, 60)
+    )[0]
+
+    their_bytes = _normalised(theirs, json.loads(theirs))
+    our_bytes = _normalised(ours, json.loads(ours))
+    assert our_bytes == their_bytes
