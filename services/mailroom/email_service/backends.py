@@ -13,7 +13,7 @@ workers deliver them with retries, like any other message. The content is the ca
   ``ValueError``) and stores nothing, unless ``fail_silently``: then it is skipped.
 - Attachments are kept, up to MAILROOM_MAX_ATTACHMENT_BYTES per email (10 MiB).
 
-Another Django project can use the backend too: see the README, "Using Mailroom from
+Another Django project can use the backend too: see docs/integration.md, "Using Mailroom from
 another Django project" (``MailroomRouter`` and ``MAILROOM_BROKER_URL`` are for it).
 """
 
@@ -54,7 +54,8 @@ class QueuedEmailBackend(BaseEmailBackend):
         missing = [name for name in REQUIRED_SETTINGS if not hasattr(settings, name)]
         if missing:
             raise ImproperlyConfigured(
-                f"QueuedEmailBackend needs the setting(s) {', '.join(missing)} (see the README)"
+                f"QueuedEmailBackend needs the setting(s) {', '.join(missing)} "
+                "(see docs/integration.md)"
             )
         self.queue = queue or Queue.HIGH_PRIORITY
 
