@@ -28,7 +28,6 @@ from typing import Any, BinaryIO, Literal, TypeVar, cast
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.core.files.uploadedfile import UploadedFile
-from django.db import transaction
 from django.db.models import Q
 from django.http import HttpRequest
 from django.http.multipartparser import MultiPartParserError
@@ -322,8 +321,8 @@ def create_campaign(request: HttpRequest) -> Status[dict[str, Any]]:
         fields = body
         source = _Source.from_rows(body.recipients) if body.recipients is not None else None
 
-    with transaction.atomic():
-        campaign = services.create_campaign(
+    try:
+        campaign, report = services.launch_campaign(
             name=fields.name,
             subject=fields.subject,
             template=fields.template,
@@ -331,16 +330,13 @@ def create_campaign(request: HttpRequest) -> Status[dict[str, Any]]:
             send_at=fields.send_at,
             expires_at=fields.expires_at,
             api_key=request.auth,  # type: ignore[attr-defined]
+            add=(lambda c: source.add_to(c, strict=fields.strict)) if source else None,
+            start=fields.start,
         )
-        report = source.add_to(campaign, strict=fields.strict) if source else None
-        if fields.start and (report is None or not report.accepted + report.suppressed):
-            errors = [{"field": "start", "message": "there are no valid recipients to send to"}]
-            errors += _field_errors(report, source) if report and source else []
-            raise ApiError(
-                422, "invalid", "start: the campaign has no valid recipients to send to", errors
-            )
-    if fields.start:
-        services.start_campaign(campaign)
+    except services.NotLaunched as exc:
+        errors = [{"field": "start", "message": exc.message}]
+        errors += _field_errors(exc.report, source) if exc.report and source else []
+        raise ApiError(422, "invalid", f"start: the campaign: {exc.message}", errors) from None
     return Status(201, {**_campaign_out(campaign), "report": _report_out(report, source)})
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, BinaryIO, cast
 
 import redis
 from celery import current_app
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
@@ -73,6 +74,54 @@ def create_campaign(
         send_at=send_at,
         expires_at=expires_at,
     )
+
+
+class NotLaunched(InvalidEmailRequest):
+    """``launch_campaign`` refused: nothing was stored. ``report`` says what the rows
+    were, when there were any."""
+
+    def __init__(self, report: ingest.IngestReport | None, message: str) -> None:
+        super().__init__("recipients", message)
+        self.report = report
+
+
+def launch_campaign(
+    *,
+    name: str,
+    subject: str,
+    template: str,
+    from_email: str | None = None,
+    send_at: datetime | None = None,
+    expires_at: datetime | None = None,
+    api_key: ApiKey | None = None,
+    add: Callable[[Campaign], ingest.IngestReport] | None = None,
+    start: bool = True,
+) -> tuple[Campaign, ingest.IngestReport | None]:
+    """Create a campaign, add its recipients (``add``, e.g. ``add_recipients`` on a CSV),
+    and start it: the one sequence the API and ``send_campaign`` both run.
+
+    All or nothing: in strict mode an invalid row, and when starting a list without one
+    recipient to send to, raise ``NotLaunched`` and nothing is stored. The campaign starts
+    after the rows are committed.
+    """
+    with transaction.atomic():
+        campaign = create_campaign(
+            name=name,
+            subject=subject,
+            template=template,
+            from_email=from_email,
+            send_at=send_at,
+            expires_at=expires_at,
+            api_key=api_key,
+        )
+        report = add(campaign) if add is not None else None
+        if report is not None and not report.stored:
+            raise NotLaunched(report, f"{report.invalid} invalid row(s); nothing was stored")
+        if start and (report is None or not report.accepted + report.suppressed):
+            raise NotLaunched(report, "there are no valid recipients to send to")
+    if start:
+        start_campaign(campaign)
+    return campaign, report
 
 
 def add_recipients(

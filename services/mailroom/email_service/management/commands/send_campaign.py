@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import transaction
 from django.utils import timezone
 
 from email_service import services
@@ -32,10 +31,6 @@ POLL_SECONDS = 0.5
 RATE_WINDOW_SECONDS = 10.0
 BAR_WIDTH = 20
 ENDED = (Campaign.Status.COMPLETED, Campaign.Status.CANCELLED)
-
-
-class _Refused(Exception):
-    """Stop inside the transaction so that it rolls back; the message says why."""
 
 
 class Command(BaseCommand):
@@ -75,32 +70,32 @@ class Command(BaseCommand):
             stream = path.open("rb")
         except OSError as exc:
             raise CommandError(f"--csv {path}: cannot read it: {exc.strerror or exc}") from None
+        name = options["name"] or path.name
         try:
-            with stream, transaction.atomic():
-                campaign = services.create_campaign(
-                    name=options["name"] or path.name,
+            with stream:
+                campaign, report = services.launch_campaign(
+                    name=name,
                     subject=options["subject"],
                     template=options["template"],
                     from_email=options["from_email"],
+                    add=lambda c: services.add_recipients(c, stream, strict=options["strict"]),
                 )
-                report = services.add_recipients(campaign, stream, strict=options["strict"])
-                self._print_report(campaign, report)
-                if not report.stored:
-                    raise _Refused(f"--strict: {report.invalid} invalid row(s), nothing stored")
-                if report.accepted + report.suppressed == 0:
-                    raise _Refused("the file has no recipient to send to, nothing stored")
+        except services.NotLaunched as exc:
+            if exc.report is not None:
+                self._print_report(name, None, exc.report)
+            raise CommandError(f"{exc.message} (nothing was stored)") from None
         except InvalidEmailRequest as exc:
             raise CommandError(str(exc)) from None
-        except _Refused as exc:
-            raise CommandError(str(exc)) from None
-        services.start_campaign(campaign)
+        assert report is not None
+        self._print_report(name, campaign.id, report)
         self.stdout.write(f"Campaign {campaign.id} is {campaign.status}.")
         if options["wait"]:
             self._wait(campaign, options["interval"])
 
-    def _print_report(self, campaign: Campaign, report: IngestReport) -> None:
+    def _print_report(self, name: str, campaign_id: object, report: IngestReport) -> None:
+        stored = f" ({campaign_id})" if campaign_id else ""
         self.stdout.write(
-            f"Campaign {campaign.name!r} ({campaign.id}): {report.accepted} accepted, "
+            f"Campaign {name!r}{stored}: {report.accepted} accepted, "
             f"{report.suppressed} suppressed, {report.duplicates} duplicate(s), "
             f"{report.invalid} rejected."
         )
