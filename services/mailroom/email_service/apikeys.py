@@ -14,6 +14,7 @@ import logging
 import secrets
 import string
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -134,18 +135,7 @@ def check_rate(api_key: ApiKey) -> RateDecision:
     limit = api_key.rate_limit_per_minute or settings.MAILROOM_API_RATE_LIMIT_PER_MINUTE
     if not limit:
         return RateDecision(True, 0, 0, 0)
-    window = int(time.time() // 60)
-    key = keys.api_rate_key(api_key.prefix, window)
-    try:
-        pipe = redisstore.client().pipeline(transaction=False)
-        pipe.incr(key)
-        pipe.expire(key, 61)
-        used = int(pipe.execute()[0])
-    except redis.RedisError:
-        logger.warning("API rate limit not checked: Redis unavailable")
-        return RateDecision(True, limit, limit, 0)
-    retry_after = max(1, 60 - int(time.time() % 60))
-    return RateDecision(used <= limit, limit, max(0, limit - used), retry_after)
+    return _count_in_minute(lambda window: keys.api_rate_key(api_key.prefix, window), limit)
 
 
 def count_failure(address: str) -> RateDecision:
@@ -156,17 +146,25 @@ def count_failure(address: str) -> RateDecision:
     still served from a throttled address (clients behind one NAT or proxy share it).
     With Redis unreachable the failure is not counted.
     """
-    limit = settings.MAILROOM_API_AUTH_FAILURES_PER_MINUTE
-    window = int(time.time() // 60)
     hashed = hashlib.sha256(address.encode()).hexdigest()[:32]
-    key = keys.api_failures_key(hashed, window)
+    return _count_in_minute(
+        lambda window: keys.api_failures_key(hashed, window),
+        settings.MAILROOM_API_AUTH_FAILURES_PER_MINUTE,
+    )
+
+
+def _count_in_minute(key_of: Callable[[int], str], limit: int) -> RateDecision:
+    """One more in this minute's counter (``key_of(window)``); allowed while within
+    ``limit``, and always when Redis does not answer."""
+    window = int(time.time() // 60)
+    key = key_of(window)
     try:
         pipe = redisstore.client().pipeline(transaction=False)
         pipe.incr(key)
         pipe.expire(key, 61)
         used = int(pipe.execute()[0])
     except redis.RedisError:
-        logger.warning("API authentication failures not counted: Redis unavailable")
+        logger.warning("%s not counted: Redis unavailable", key.split(":")[2])
         return RateDecision(True, limit, limit, 0)
     retry_after = max(1, 60 - int(time.time() % 60))
     return RateDecision(used <= limit, limit, max(0, limit - used), retry_after)
