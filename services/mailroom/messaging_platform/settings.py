@@ -1,6 +1,6 @@
 """Django settings for Mailroom: read from the environment only.
 
-Every knob is documented in the README's configuration table. A bad value stops the
+Every knob is documented in docs/configuration.md. A bad value stops the
 process at start with ``ImproperlyConfigured`` naming the variable.
 """
 
@@ -36,6 +36,8 @@ INSTALLED_APPS = [
     "email_service",
     "django_prometheus",
     "ninja",
+    # The project's own system checks of these settings (messaging_platform/checks.py).
+    "messaging_platform",
 ]
 
 MIDDLEWARE = [

@@ -75,7 +75,12 @@ class ChunkedBodies:
 def _application() -> WSGIApp:
     from django.conf import settings
 
+    from messaging_platform.checks import enforce
+
     django_app = get_wsgi_application()
+    # The settings are checked as each web worker loads the application: a bad one stops
+    # gunicorn ("Worker failed to boot"), naming the variable, before it serves anything.
+    enforce("web")
     return ChunkedBodies(
         django_app,
         max_bytes=max(settings.MAILROOM_API_MAX_UPLOAD_BYTES, settings.MAILROOM_API_MAX_BODY_BYTES),
