@@ -21,8 +21,13 @@ $(CURDIR)/.tools/bin/uv:
 	$(PYTHON) -m venv $(CURDIR)/.tools
 	$(CURDIR)/.tools/bin/pip install --quiet uv==$(UV_VERSION)
 
+# The checkout's root and the app's directory go on the virtualenv's path (a .pth file, as
+# an editable install would add), so bench/*.py, chaos/ and dev/ import mailroom_testkit
+# and the app without editing sys.path.
 $(VENV)/.synced: $(APP)/pyproject.toml $(APP)/uv.lock | $(UV)
 	$(UV) sync --frozen --project $(APP) --python $(PYTHON)
+	printf '%s\n' "$(CURDIR)" "$(CURDIR)/$(APP)" >"$$($(BIN)/python -c \
+		'import sysconfig; print(sysconfig.get_paths()["purelib"])')/mailroom-checkout.pth"
 	@touch $@
 
 setup: $(VENV)/.synced ## Create .venv and install the locked dependencies
@@ -40,15 +45,18 @@ fmt: setup ## Format and autofix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Two pytest-xdist workers: most of the suite waits on processes (a worker, an SMTP reply,
+# a sweep), so two interleave well even on two cores. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: setup ## Lint, then every test (needs Redis and PostgreSQL on localhost)
 	$(MAKE) --no-print-directory lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
-test-fast: setup ## Tests only, stop at the first failure
-	$(BIN)/pytest -x $(PYTEST_ARGS)
+test-fast: setup ## The in-process layer only (no worker, gunicorn, browser): stop at the first failure
+	$(BIN)/pytest -x -m "not integration" $(PYTEST_ARGS)
 
 dev: setup ## Run web, both worker pools, beat, Flower, an SMTP sink and celery-exporter locally
-	$(BIN)/python deploy/dev.py
+	$(BIN)/python dev/run.py
 
 # With Docker: the compose stack (started if needed) gets the demo. Without: the make dev stack
 # (start it first), reached with make dev's own environment.
@@ -59,9 +67,9 @@ demo: ## Send a sample campaign and a few transactional emails (docker compose, 
 	else \
 		echo "docker compose not found: sending to the make dev stack"; \
 		test -x $(BIN)/python || { echo "run make setup (and make dev) first"; exit 2; }; \
-		cd $(APP) && $(BIN)/python -c \
-			'import os, sys; sys.path.insert(0, "$(CURDIR)"); from deploy.dev import environment; \
-			os.execve(sys.executable, [sys.executable, "manage.py", "demo", "--wait", "60"], \
+		$(BIN)/python -c \
+			'import os, sys; from dev.run import environment; \
+			os.execve(sys.executable, [sys.executable, "$(APP)/manage.py", "demo", "--wait", "60"], \
 			environment(os.environ, 1025))'; \
 	fi
 

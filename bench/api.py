@@ -53,14 +53,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench import benchlib
+from bench.benchlib import Child, ensure_database, free_port, setup_django, wait_until
 
-from bench.benchlib import Child, ensure_database, free_port, setup_django, wait_until  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 APP_DIR = REPO / "services" / "mailroom"
 FLOOR_DIR = Path(__file__).resolve().parent / "api_floor"
-GUNICORN_CONF = REPO / "deploy" / "gunicorn.conf.py"
 PG_URL = "postgres://postgres@127.0.0.1:5432"
 DB_NAME = "mailroom_bench_api"
 TARGET = 0.5  # the API may cost at most twice the trivial view per request
@@ -227,7 +226,7 @@ def app_env(redis_url: str) -> dict[str, str]:
 
 
 def start_web(stack: contextlib.ExitStack, env: dict[str, str], logs: Path, workers: int) -> int:
-    """gunicorn as deployed (deploy/gunicorn.conf.py, sync workers), without access log.
+    """gunicorn as deployed (deploy/start-web.sh, sync workers), without access log.
 
     Its settings are the product's plus one bench-only URL, ``/bench/floor``
     (bench/api_floor/): the same server answers the trivial view, the API and the floor.
@@ -238,9 +237,7 @@ def start_web(stack: contextlib.ExitStack, env: dict[str, str], logs: Path, work
         "PYTHONPATH": os.pathsep.join(p for p in (str(FLOOR_DIR), env.get("PYTHONPATH")) if p),
     }
     port = free_port()
-    argv = [sys.executable, "-m", "gunicorn", "messaging_platform.wsgi:application"]
-    argv += ["-c", str(GUNICORN_CONF), "--bind", f"127.0.0.1:{port}", "--workers", str(workers)]
-    web = Child("gunicorn", argv, logs / "web.log", env).start()
+    web = benchlib.web("gunicorn", logs / "web.log", env, port, workers, access_log="").start()
     stack.callback(web.stop)
     assert web.proc is not None
     SESSIONS.web = web.proc.pid

@@ -1,5 +1,6 @@
 """What every benchmark script needs: its own database, migrated, Django set up, and
-child processes it can start, watch and stop.
+child processes it can start, watch and stop: Mailroom's roles among them, started by the
+image's start scripts (deploy/start-*.sh, through mailroom_testkit), as the tests do.
 
 Each script keeps a private database between runs (created here when missing) so that
 its figures never touch a developer's data or another script's tables.
@@ -15,8 +16,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from tests.support.processes import free_port as free_port  # the scripts import both from here
-from tests.support.processes import wait_until as wait_until
+from mailroom_testkit.processes import beat_command, web_command, worker_command
+from mailroom_testkit.processes import free_port as free_port  # the scripts import both from here
+from mailroom_testkit.processes import wait_until as wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "services" / "mailroom"
@@ -38,11 +40,11 @@ def ensure_database(name: str, env: dict[str, str]) -> None:
 
 
 def setup_django(env: dict[str, str]) -> None:
-    """Django in this process, with the script's environment."""
+    """Django in this process, with the script's environment (the app's directory is on
+    the virtualenv's path: ``make setup``)."""
     # WhiteNoise: no collectstatic here, the files come from the app finders.
     warnings.filterwarnings("ignore", "No directory at", UserWarning)
     os.environ.update(env)
-    sys.path.insert(0, str(APP_DIR))
     import django
 
     django.setup()
@@ -97,3 +99,26 @@ class Child:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+
+def worker(
+    name: str, log: Path, env: dict[str, str], queues: str, concurrency: int, node: str
+) -> Child:
+    """deploy/start-worker.sh for ``queues``, node ``<node>@%h``; it logs " ready."."""
+    argv, role_env = worker_command(env, queues, concurrency, node)
+    return Child(name, argv, log, role_env)
+
+
+def beat(name: str, log: Path, env: dict[str, str], schedule_file: Path) -> Child:
+    """deploy/start-beat.sh; it logs "beat: Starting..."."""
+    argv, role_env = beat_command(env, schedule_file)
+    return Child(name, argv, log, role_env)
+
+
+def web(
+    name: str, log: Path, env: dict[str, str], port: int, workers: int = 2, access_log: str = "-"
+) -> Child:
+    """deploy/start-web.sh on 127.0.0.1:``port`` (``access_log=""``: none); it logs
+    "Booting worker"."""
+    argv, role_env = web_command(env, port, workers, access_log)
+    return Child(name, argv, log, role_env)

@@ -44,11 +44,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.api import cpu_model, percentile, start_redis, stop_on_sigterm
+from bench.benchlib import ensure_database, setup_django
 
-from bench.api import cpu_model, percentile, start_redis, stop_on_sigterm  # noqa: E402
-from bench.benchlib import ensure_database, setup_django  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 APP_DIR = REPO / "services" / "mailroom"
 PG_URL = "postgres://postgres@127.0.0.1:5432"

@@ -50,10 +50,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from email_service.models import Campaign
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench import benchlib
+from bench.benchlib import Child, ensure_database, free_port, setup_django, wait_until
 
-from bench.benchlib import Child, ensure_database, free_port, setup_django, wait_until  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 APP_DIR = REPO / "services" / "mailroom"
 PG_URL = "postgres://postgres@127.0.0.1:5432"
@@ -220,13 +220,10 @@ def app_env(sink_port: int, redis_url: str) -> dict[str, str]:
     return env
 
 
-CELERY = [sys.executable, "-m", "celery", "-A", "messaging_platform"]
-
-
 def start_worker(stack: contextlib.ExitStack, env: dict[str, str], logs: Path, n: int) -> Child:
-    argv = [*CELERY, "worker", "-Q", "bulk", "-c", str(n), "-n", "bench@%h"]
-    argv += ["--without-mingle", "--without-gossip", "-l", "info"]
-    worker = Child("celery worker", argv, logs / "worker.log", env).start()
+    """The bulk pool as deployed (deploy/start-worker.sh), ``-c n``."""
+    worker = benchlib.worker("celery worker", logs / "worker.log", env, "bulk", n, "bench")
+    worker.start()
     stack.callback(worker.stop)
     worker.wait_for_log(" ready.", 60)
     return worker
@@ -235,13 +232,17 @@ def start_worker(stack: contextlib.ExitStack, env: dict[str, str], logs: Path, n
 def start_dispatcher(stack: contextlib.ExitStack, env: dict[str, str], logs: Path) -> list[Child]:
     """What campaigns need besides the bulk worker: a ``high_priority`` worker (where
     ``dispatch_campaigns`` is routed) and ``celery beat`` (which schedules it)."""
-    argv = [*CELERY, "worker", "-Q", "high_priority", "-c", "1", "-n", "bench-high@%h"]
-    argv += ["--without-mingle", "--without-gossip", "-l", "info"]
-    high = Child("celery high_priority worker", argv, logs / "worker-high.log", env).start()
+    high = benchlib.worker(
+        "celery high_priority worker",
+        logs / "worker-high.log",
+        env,
+        "high_priority",
+        1,
+        "bench-high",
+    ).start()
     stack.callback(high.stop)
-    argv = [*CELERY, "beat", "-s", str(logs / "celerybeat-schedule"), "-l", "info"]
-    argv += ["--pidfile", str(logs / "celerybeat.pid")]
-    beat = Child("celery beat", argv, logs / "beat.log", env).start()
+    beat = benchlib.beat("celery beat", logs / "beat.log", env, logs / "celerybeat-schedule")
+    beat.start()
     stack.callback(beat.stop)
     high.wait_for_log(" ready.", 60)
     beat.wait_for_log("beat: Starting...", 60)

@@ -39,10 +39,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.benchlib import ensure_database, setup_django
 
-from bench.benchlib import ensure_database, setup_django  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 APP_DIR = REPO / "services" / "mailroom"
 PG_URL = "postgres://postgres@127.0.0.1:5432"

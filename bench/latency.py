@@ -35,12 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.benchlib import ensure_database  # noqa: E402
-from bench.delivery import (  # noqa: E402
-    CELERY,
+from bench import benchlib
+from bench.benchlib import ensure_database
+from bench.delivery import (
     PG_URL,
     Child,
     app_env,
@@ -54,7 +51,9 @@ from bench.delivery import (  # noqa: E402
     truncate_tables,
     wait_until,
 )
-from tests.support.smtp_sink import SMTPSink  # noqa: E402
+from mailroom_testkit.smtp_sink import SMTPSink
+
+REPO = Path(__file__).resolve().parents[1]
 
 APP_DIR = REPO / "services" / "mailroom"
 DB_NAME = "mailroom_bench_latency"
@@ -164,20 +163,14 @@ def measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
 
         _, key = services.create_api_key("bench-latency", ["admin"], None)
         high_env = {**env, "EMAIL_PORT": str(tx_sink.port)}
-        worker = [*CELERY, "worker", "--without-mingle", "--without-gossip", "-l", "info"]
-        bulk = Child(
-            "bulk", [*worker, "-Q", "bulk", "-c", "2", "-n", "bulk@%h"], logs / "bulk.log", env
-        )
+        bulk = benchlib.worker("bulk", logs / "bulk.log", env, "bulk", 2, "bulk")
         start(stack, bulk, " ready.")
-        high_argv = [*worker, "-Q", "high_priority", "-c", "2", "-n", "high@%h"]
-        start(stack, Child("high", high_argv, logs / "high.log", high_env), " ready.")
-        beat_argv = [*CELERY, "beat", "-s", str(logs / "beat-schedule"), "-l", "info"]
-        start(stack, Child("beat", beat_argv, logs / "beat.log", env), "beat: Starting")
+        high = benchlib.worker("high", logs / "high.log", high_env, "high_priority", 2, "high")
+        start(stack, high, " ready.")
+        beat = benchlib.beat("beat", logs / "beat.log", env, logs / "beat-schedule")
+        start(stack, beat, "beat: Starting")
         port = free_port()
-        web_argv = [sys.executable, "-m", "gunicorn", "messaging_platform.wsgi:application"]
-        web_argv += ["-c", str(REPO / "deploy" / "gunicorn.conf.py"), "--workers", "2"]
-        web_argv += ["--bind", f"127.0.0.1:{port}"]
-        start(stack, Child("web", web_argv, logs / "web.log", env), "Booting worker")
+        start(stack, benchlib.web("web", logs / "web.log", env, port), "Booting worker")
 
         measure_latency(port, key, tx_sink, "warmup", 10, args.rate)
         idle = measure_latency(port, key, tx_sink, "idle", args.samples, args.rate)

@@ -23,11 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.benchlib import ensure_database  # noqa: E402
-from bench.delivery import (  # noqa: E402
+from bench.benchlib import ensure_database
+from bench.delivery import (
     DB_NAME,
     Child,
     app_env,

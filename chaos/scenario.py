@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chaos.stack import BULK_CONCURRENCY, HIGH_CONCURRENCY, Stack
-from tests.support.processes import wait_until
+from mailroom_testkit.processes import wait_until
 
 TRICKLE_SECONDS = 0.5
 # A worker process holds at most two deliveries that the relay accepted and Postgres has

@@ -11,13 +11,20 @@
 #       when no live API key has this name, one with the admin scope is created and printed
 #       here, once: only its hash is stored. Empty: skipped (create keys with
 #       `manage.py create_api_key` instead, e.g. when logs are shipped somewhere).
-# Settings come from the environment (messaging_platform/settings.py).
+#   MAILROOM_PYTHON
+#       the Python to run (default: the virtualenv beside deploy/, /app/.venv in the image
+#       and .venv in a checkout; else python3)
+# Settings come from the environment (messaging_platform/settings.py); `migrate` runs the
+# system checks first (messaging_platform/checks.py) and stops, naming a bad variable.
 set -o errexit -o pipefail -o nounset
 
 DEPLOY_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$DEPLOY_DIR/../services/mailroom"
+# The virtualenv beside deploy/: /app/.venv in the image, .venv in a checkout.
+python="${MAILROOM_PYTHON:-$DEPLOY_DIR/../.venv/bin/python}"
+[[ -n "${MAILROOM_PYTHON:-}" || -x "$python" ]] || python=python3
 
-python manage.py migrate --no-input
+"$python" manage.py migrate --no-input
 
 # What is still missing: "user", "key", both or neither.
 read -r -d '' MISSING <<'PY' || true
@@ -35,15 +42,15 @@ if key_name and not ApiKey.objects.filter(name=key_name, revoked_at__isnull=True
     missing.append("key")
 print(" ".join(missing))
 PY
-missing=" $(python manage.py shell --no-imports --command "$MISSING") "
+missing=" $("$python" manage.py shell --no-imports --command "$MISSING") "
 
 if [[ "$missing" == *" user "* ]]; then
-    python manage.py createsuperuser --no-input
+    "$python" manage.py createsuperuser --no-input
     echo "migrate.sh: created the admin user '$DJANGO_SUPERUSER_USERNAME'"
 fi
 if [[ "$missing" == *" key "* ]]; then
     name="$MAILROOM_BOOTSTRAP_API_KEY_NAME"
-    key="$(python manage.py create_api_key "$name" --scopes admin --quiet)"
+    key="$("$python" manage.py create_api_key "$name" --scopes admin --quiet)"
     cat <<BANNER
 ======================================================================================
  API key '$name' (scope: admin). It is shown only now; only its hash is stored.

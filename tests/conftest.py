@@ -12,8 +12,8 @@ import pytest
 import redis
 from django.conf import settings
 
-from tests.support.processes import RedisServer, Role, beat, wait_until, worker
-from tests.support.smtp_sink import SMTPSink
+from mailroom_testkit.processes import RedisServer, Role, beat, free_port, wait_until, web, worker
+from mailroom_testkit.smtp_sink import SMTPSink
 
 REDIS_PORT = int(os.environ["MAILROOM_TEST_REDIS_PORT"])
 SMTP_PORT = int(os.environ["MAILROOM_TEST_SMTP_PORT"])
@@ -53,9 +53,9 @@ def smtp_sink(_sink_server: SMTPSink) -> SMTPSink:
     return _sink_server
 
 
-@pytest.fixture
-def role_env(transactional_db: None) -> dict[str, str]:
-    """The environment for processes a test starts, pointed at the *test* database."""
+def test_environment() -> dict[str, str]:
+    """The environment for processes the tests start, pointed at the *test* database
+    (its name is known once pytest-django has set it up)."""
     db = settings.DATABASES["default"]
     env = dict(os.environ)
     env["DATABASE_URL"] = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
@@ -63,6 +63,59 @@ def role_env(transactional_db: None) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("PYTEST_CURRENT_TEST", None)
     return env
+
+
+@pytest.fixture
+def role_env(transactional_db: None) -> dict[str, str]:
+    """The environment for processes a test starts, pointed at the *test* database."""
+    return test_environment()
+
+
+@pytest.fixture(scope="session")
+def shared_web(django_db_setup: None, redis_process: RedisServer) -> Iterator[str]:
+    """One web role (gunicorn, as deployed) for every test of the session that needs the
+    real HTTP stack with the test settings; yields its base URL. Between tests the
+    database is flushed and Redis emptied as usual; the server keeps no state of its own
+    that a test could see. Tests that need other settings start their own."""
+    port = free_port()
+    role = web(test_environment(), port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        role.stop()
+
+
+# Tests that start processes (a worker, beat, gunicorn, a browser, manage.py, a private
+# Prometheus or PostgreSQL) are the integration layer; `make test-fast` leaves them out.
+INTEGRATION_FIXTURES = frozenset(
+    {"running_worker", "start_role", "api_server", "client", "served", "shared_web",
+     "web_server", "stack", "roles", "bulk_pool"}
+)  # fmt: skip
+INTEGRATION_MODULES = (
+    "tests/chaos/",
+    "tests/deploy/test_compose_roles.py",
+    "tests/deploy/test_prometheus_e2e.py",
+    "tests/dashboard/test_browser.py",
+    "tests/test_dev.py",
+    "tests/email_service/test_commands.py",
+    "tests/messaging_platform/",
+    "tests/email_service/test_backend.py::test_another_django_project",
+)
+
+
+# Under pytest-xdist (make test runs two workers), the fault suite runs on one worker, one
+# fault after another: each starts a whole stack, and two at once would only compete.
+SERIAL_GROUPS = {"tests/chaos/": "chaos"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & INTEGRATION_FIXTURES or item.nodeid.startswith(INTEGRATION_MODULES):
+            item.add_marker(pytest.mark.integration)
+        for prefix, group in SERIAL_GROUPS.items():
+            if item.nodeid.startswith(prefix):
+                item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from tests.support.processes import free_port
+from mailroom_testkit.processes import free_port
 
 TEST_ENV = {
     "SECRET_KEY": "test-secret-key-not-for-production",
@@ -33,8 +33,19 @@ TEST_ENV = {
     "CELERY_TASK_SOFT_TIME_LIMIT": "30",
     "CELERY_TASK_TIME_LIMIT": "40",
     "CELERY_VISIBILITY_TIMEOUT": "60",
+    # Countdowns stay below the visibility timeout (check mailroom.W031); longer waits are
+    # rows that the sweeper enqueues once due.
+    "MAILROOM_MAX_COUNTDOWN_SECONDS": "30",
     "LOG_LEVEL": "WARNING",
 }
+# Under pytest-xdist every worker process gets its own private Redis and SMTP sink: it
+# inherits the environment of the process that started it, ports included, so they are
+# chosen again once per worker.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER and os.environ.get("MAILROOM_TEST_PORTS_OF") != _WORKER:
+    for _name in ("MAILROOM_TEST_REDIS_PORT", "MAILROOM_TEST_SMTP_PORT", "REDIS_URL", "EMAIL_PORT"):
+        os.environ.pop(_name, None)
+    os.environ["MAILROOM_TEST_PORTS_OF"] = _WORKER
 for _name, _value in TEST_ENV.items():
     os.environ.setdefault(_name, _value)
 os.environ.setdefault("REDIS_URL", f"redis://127.0.0.1:{os.environ['MAILROOM_TEST_REDIS_PORT']}/0")

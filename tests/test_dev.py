@@ -1,8 +1,9 @@
-"""`make dev`: deploy/dev.py starts every role, mail reaches the sink, Ctrl-C stops it all.
+"""`make dev`: dev/run.py starts every role, mail reaches the sink, Ctrl-C stops it all.
 
-dev.py runs as a subprocess, as a developer would run it, but pointed at the tests'
-private Redis (db 1), at a database of its own (which dev.py must create) and at free
-ports, so it never meets a developer's own `make dev`.
+dev/run.py runs as a subprocess, as a developer would run it, but pointed at the tests'
+private Redis (db 1), at a database of its own (which it must create) and at free ports,
+so it never meets a developer's own `make dev`. Mailroom's roles are the image's start
+scripts (deploy/start-*.sh), so their node names are the image's too.
 """
 
 from __future__ import annotations
@@ -26,16 +27,16 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from deploy import dev
+from dev import run as dev
+from mailroom_testkit.processes import APP_DIR, OUTPUT_DIR, REPO, wait_until
 from tests.settings import TEST_ENV
-from tests.support.processes import APP_DIR, OUTPUT_DIR, REPO, wait_until
 
 SUBJECT = "Hello from make dev"
 RECIPIENT = "dev@example.com"
 FLOWER_AUTH = "devtest:not-a-real-secret"
 # What each Celery role prints once it is up.
 READY = {
-    "worker-high": r"high@\S+ ready\.",
+    "worker-high": r"high_priority@\S+ ready\.",
     "worker-bulk": r"bulk@\S+ ready\.",
     "beat": r"beat: Starting",
 }
@@ -178,7 +179,7 @@ def _start(database: str, state_dir: Path) -> DevRun:
     env = _caller_env(database)
     OUTPUT_DIR.mkdir(exist_ok=True)
     log = OUTPUT_DIR / "dev.log"
-    argv = [sys.executable, str(REPO / "deploy" / "dev.py"), "--port", str(web)]
+    argv = [sys.executable, str(REPO / "dev" / "run.py"), "--port", str(web)]
     argv += ["--flower-port", str(flower), "--smtp-port", str(smtp)]
     argv += ["--exporter-port", str(exporter)]
     argv += ["--state-dir", str(state_dir)]

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from email_service import services
-from tests.support.processes import Role, free_port, web
+from mailroom_testkit.processes import Role, free_port, web
 
 
 @dataclass
@@ -53,10 +53,9 @@ def serve_api(role_env: dict[str, str], **settings: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def api_server(role_env: dict[str, str], redis_server: object) -> Iterator[str]:
-    """gunicorn (as deployed) on a free port, pointed at the test database."""
-    with serve_api(role_env) as url:
-        yield url
+def api_server(shared_web: str, role_env: dict[str, str], redis_server: object) -> str:
+    """The session's gunicorn (as deployed), on the test database, for this test."""
+    return shared_web
 
 
 @pytest.fixture

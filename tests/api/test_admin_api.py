@@ -9,8 +9,8 @@ import redis
 
 from email_service import services
 from email_service.models import Message, Suppression
+from mailroom_testkit.processes import RedisServer
 from tests.api.conftest import ApiClient
-from tests.support.processes import RedisServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -13,10 +13,10 @@ import requests
 from django.utils import timezone
 
 from email_service.models import Campaign, Message
+from mailroom_testkit.processes import Role
+from mailroom_testkit.smtp_sink import SMTPSink
 from tests.api.conftest import ApiClient, serve_api
 from tests.conftest import wait_for
-from tests.support.processes import Role
-from tests.support.smtp_sink import SMTPSink
 
 URL = "/api/v1/campaigns"
 

@@ -21,10 +21,10 @@ from django.test import Client, override_settings
 from email_service import services
 from email_service.exceptions import InvalidEmailRequest, SenderNotAllowed
 from email_service.models import Campaign, Message
+from mailroom_testkit.processes import Role
+from mailroom_testkit.smtp_sink import SMTPSink
 from tests.api.conftest import serve_api
 from tests.conftest import wait_for
-from tests.support.processes import Role
-from tests.support.smtp_sink import SMTPSink
 
 QUEUED = "email_service.backends.QueuedEmailBackend"
 WELCOME: dict[str, Any] = {
@@ -398,7 +398,7 @@ def test_no_key_or_password_appears_in_any_log_line_on_any_auth_failure(
 
 
 def _role_log() -> str:
-    from tests.support.processes import OUTPUT_DIR
+    from mailroom_testkit.processes import OUTPUT_DIR
 
     return "\n".join(p.read_text(errors="replace") for p in OUTPUT_DIR.glob("web-*.log"))
 

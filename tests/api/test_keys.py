@@ -10,8 +10,8 @@ import pytest
 from django.db import connection
 
 from email_service.models import ApiKey
+from mailroom_testkit.processes import APP_DIR
 from tests.api.conftest import ApiClient
-from tests.support.processes import APP_DIR
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

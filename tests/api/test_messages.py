@@ -12,10 +12,10 @@ import requests
 
 from email_service import services
 from email_service.models import Message
+from mailroom_testkit.processes import Role
+from mailroom_testkit.smtp_sink import SMTPSink
 from tests.api.conftest import ApiClient, serve_api
 from tests.conftest import settle, wait_for
-from tests.support.processes import Role
-from tests.support.smtp_sink import SMTPSink
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

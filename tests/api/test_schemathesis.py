@@ -12,15 +12,14 @@ that gunicorn serves exactly the same one. One gunicorn serves the whole module.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import requests
 import schemathesis
-from django.conf import settings as django_settings
-from hypothesis import HealthCheck, settings
-from schemathesis import Case
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import Case, GenerationMode
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
@@ -30,8 +29,6 @@ from schemathesis.checks import (
 )
 
 from email_service.api import api
-from tests.api.conftest import serve_api
-from tests.support.processes import RedisServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -50,19 +47,10 @@ CHECKS = [
 schema = schemathesis.openapi.from_dict(api.get_openapi_schema())
 
 
-@pytest.fixture(scope="module")
-def served(django_db_setup: None, redis_process: RedisServer) -> Iterator[str]:
-    """gunicorn on the test database for the whole module (as ``api_server``, shared)."""
-    db = django_settings.DATABASES["default"]
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-        "DJANGO_SETTINGS_MODULE": "messaging_platform.settings",
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.pop("PYTEST_CURRENT_TEST", None)
-    with serve_api(env) as url:
-        yield url
+@pytest.fixture
+def served(shared_web: str) -> str:
+    """The session's gunicorn (as ``api_server``, shared)."""
+    return shared_web
 
 
 @pytest.fixture
@@ -82,11 +70,32 @@ def test_the_served_document_is_the_one_tested(served: str) -> None:
     assert response.json() == json.loads(json.dumps(api.get_openapi_schema()))
 
 
-@schema.parametrize()
+# One pytest test per operation, with an id of its own: schemathesis' own parametrize gives
+# all of them one node id, which pytest-xdist (make test runs two workers) would collapse
+# into a single test.
+OPERATIONS = [
+    (path, method.upper())
+    for path, methods in api.get_openapi_schema()["paths"].items()
+    for method in methods
+]
+
+
+def _cases(path: str, method: str) -> st.SearchStrategy[Case]:
+    """Valid and invalid requests for one operation, as schemathesis generates them."""
+    operation = schema[path][method]
+    return st.one_of(
+        operation.as_strategy(GenerationMode.POSITIVE),
+        operation.as_strategy(GenerationMode.NEGATIVE),
+    )
+
+
+@pytest.mark.parametrize(("path", "method"), OPERATIONS, ids=[f"{m} {p}" for p, m in OPERATIONS])
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
 def test_the_api_matches_its_document_and_never_fails(
-    case: Case, served: str, admin_headers: dict[str, str]
+    path: str, method: str, data: st.DataObject, served: str, admin_headers: dict[str, str]
 ) -> None:
+    case = data.draw(_cases(path, method))
     case.call_and_validate(base_url=served, headers=admin_headers, checks=CHECKS)
 
 

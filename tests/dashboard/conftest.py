@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from django.contrib.auth.models import User
 from django.test import Client
 
 from email_service import services
 from email_service.models import Campaign
-from tests.support.processes import Role, free_port, web
 
 PASSWORD = "correct horse battery staple"
 
@@ -48,11 +45,6 @@ def make_campaign(name: str = "Spring", count: int = 3, start: bool = False) -> 
 
 
 @pytest.fixture
-def web_server(role_env: dict[str, str], redis_server: object) -> Iterator[str]:
-    """gunicorn as deployed (two workers) on a free port, against the test database."""
-    port = free_port()
-    role: Role = web(role_env, port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        role.stop()
+def web_server(shared_web: str, role_env: dict[str, str], redis_server: object) -> str:
+    """The session's gunicorn as deployed (two workers), against the test database."""
+    return shared_web

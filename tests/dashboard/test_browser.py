@@ -19,9 +19,9 @@ from django.contrib.auth.models import User
 from playwright.sync_api import Browser, Dialog, Page, sync_playwright
 
 from email_service.models import Campaign
+from mailroom_testkit.processes import OUTPUT_DIR, Role
+from mailroom_testkit.smtp_sink import SMTPSink
 from tests.dashboard.conftest import PASSWORD, make_campaign
-from tests.support.processes import OUTPUT_DIR, Role
-from tests.support.smtp_sink import SMTPSink
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 

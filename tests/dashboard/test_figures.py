@@ -14,10 +14,10 @@ from django.test import Client
 from email_service import keys, services
 from email_service.dashboard import chart, figures
 from email_service.models import Campaign, Message
+from mailroom_testkit.processes import Role
+from mailroom_testkit.smtp_sink import SMTPSink
 from tests.conftest import wait_for
 from tests.dashboard.conftest import make_campaign
-from tests.support.processes import Role
-from tests.support.smtp_sink import SMTPSink
 
 REFUSED = {"bad0@example.com", "bad1@example.com", "spring0@example.com"}
 SLOW = "spring1@example.com"  # answered 441: deferred, its next try minutes away

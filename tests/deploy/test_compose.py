@@ -43,7 +43,7 @@ from tests.deploy.composefile import (
 WORKERS = ("worker-high", "worker-bulk")
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA = REPO / "grafana"
-CELERY_EXPORTER_SCRIPT = REPO / "deploy" / "celery_exporter.sh"
+CELERY_EXPORTER_SCRIPT = REPO / "dev" / "celery_exporter.sh"
 
 
 @pytest.fixture(autouse=True)

@@ -32,6 +32,8 @@ from django.contrib.auth import get_user_model
 
 from email_service import apikeys, services
 from email_service.models import Message
+from mailroom_testkit.processes import APP_DIR, Role, free_port, wait_until
+from mailroom_testkit.smtp_sink import SMTPSink
 from tests.conftest import wait_for
 from tests.deploy.composefile import (
     IMAGE_ROOT,
@@ -41,8 +43,6 @@ from tests.deploy.composefile import (
     environment,
     load,
 )
-from tests.support.processes import APP_DIR, Role, free_port, wait_until
-from tests.support.smtp_sink import SMTPSink
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -186,10 +186,13 @@ def _get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[i
 
 
 def _exe(pid: int) -> str:
-    """The program a process runs, from its command line (python -> the script it runs)."""
+    """The program a process runs, from its command line (python -> the script or the
+    module it runs: ``python -m celery`` is celery)."""
     args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    names = [Path(arg.decode()).name for arg in args[:2]]
-    return names[1] if names[0].startswith("python") and len(names) > 1 else names[0]
+    names = [Path(arg.decode()).name for arg in args[:3]]
+    if names[0].startswith("python") and len(names) > 1:
+        return names[2] if names[1] == "-m" and len(names) > 2 else names[1]
+    return names[0]
 
 
 # --------------------------------------------------------------------------------------

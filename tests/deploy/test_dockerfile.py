@@ -331,7 +331,7 @@ def test_dockerignore_lets_in_only_what_the_image_copies(
         "tests/conftest.py",
         "test-output/web.log",
         ".dev/celerybeat-schedule",
-        "deploy/dev.py",
+        "dev/run.py",
         "services/mailroom/staticfiles/admin/css/base.css",
         "services/mailroom/email_service/__pycache__/models.cpython-311.pyc",
     ):

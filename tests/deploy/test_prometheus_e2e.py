@@ -20,9 +20,9 @@ import yaml
 from more_itertools import chunked
 
 from email_service.tasks import send_bulk_email_batch, send_high_priority_email
+from mailroom_testkit.processes import REPO, Role, free_port, prometheus, web
+from mailroom_testkit.smtp_sink import SMTPSink
 from tests.conftest import wait_for
-from tests.support.processes import REPO, Role, free_port, prometheus, web
-from tests.support.smtp_sink import SMTPSink
 
 pytestmark = pytest.mark.django_db(transaction=True)
 TOKEN = "scrape-token-for-tests"

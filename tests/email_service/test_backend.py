@@ -18,9 +18,9 @@ from django.test import override_settings
 
 from email_service.exceptions import InvalidEmailRequest
 from email_service.models import Message
+from mailroom_testkit.processes import APP_DIR, Role
+from mailroom_testkit.smtp_sink import Received, SMTPSink
 from tests.conftest import wait_for
-from tests.support.processes import APP_DIR, Role
-from tests.support.smtp_sink import Received, SMTPSink
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -283,7 +283,7 @@ CLIENT_SCRIPT = """
 def test_another_django_project_sends_through_mailroom(
     running_worker: Role, smtp_sink: SMTPSink, role_env: dict[str, str], tmp_path: Path
 ) -> None:
-    """The README's recipe: a project with its own (here SQLite) database, Mailroom's
+    """The recipe of docs/integration.md: a project with its own (here SQLite) database, Mailroom's
     database as a second alias, and no Celery app of its own."""
     (tmp_path / "client_settings.py").write_text(textwrap.dedent(CLIENT_SETTINGS))
     env = {

@@ -22,9 +22,9 @@ from django.utils import timezone
 from email_service import outbox, services
 from email_service.models import Message
 from email_service.tasks import send_bulk_email_batch, send_high_priority_email
+from mailroom_testkit.processes import Role
+from mailroom_testkit.smtp_sink import SMTPSink
 from tests.conftest import wait_for
-from tests.support.processes import Role
-from tests.support.smtp_sink import SMTPSink
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -15,9 +15,9 @@ from django.core.management import CommandError, call_command
 
 from email_service import redisstore, services
 from email_service.models import Campaign, Message
+from mailroom_testkit.processes import APP_DIR, Role
+from mailroom_testkit.smtp_sink import SMTPSink
 from tests.conftest import wait_for
-from tests.support.processes import APP_DIR, Role
-from tests.support.smtp_sink import SMTPSink
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -13,9 +13,9 @@ from more_itertools import chunked
 from email_service import keys, redisstore, services
 from email_service.models import DeliveryAttempt, Message, Suppression
 from email_service.tasks import QueuedResult, send_bulk_email_batch, send_high_priority_email
+from mailroom_testkit.processes import RedisServer, Role
+from mailroom_testkit.smtp_sink import SMTPSink
 from tests.conftest import wait_for
-from tests.support.processes import RedisServer, Role
-from tests.support.smtp_sink import SMTPSink
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from mailroom_testkit.processes import Role
 from tests.conftest import wait_for
-from tests.support.processes import Role
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

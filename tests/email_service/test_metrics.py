@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from email_service import keys, metrics, ratelimit, services
 from email_service.models import Campaign, Queue
-from tests.support.processes import RedisServer
+from mailroom_testkit.processes import RedisServer
 
 pytestmark = pytest.mark.django_db
 

@@ -11,9 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from email_service.models import Message
 from email_service.tasks import send_bulk_email_batch
+from mailroom_testkit.processes import Role
+from mailroom_testkit.smtp_sink import SMTPSink
 from tests.conftest import wait_for
-from tests.support.processes import Role
-from tests.support.smtp_sink import SMTPSink
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

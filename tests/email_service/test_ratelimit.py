@@ -15,7 +15,7 @@ from django.test import override_settings
 
 from email_service import ratelimit
 from email_service.models import RuntimeSetting
-from tests.support.processes import APP_DIR, REPO, RedisServer
+from mailroom_testkit.processes import APP_DIR, REPO, RedisServer
 
 pytestmark = pytest.mark.django_db
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from email_service.smtp import SendResult, SMTPTransport
-from tests.support.smtp_sink import SMTPSink
+from mailroom_testkit.smtp_sink import SMTPSink
 
 DATA = b"Subject: hi\r\nTo: x@example.com\r\n\r\nbody\r\n"
 

@@ -9,9 +9,9 @@ import pytest
 
 from email_service import services
 from email_service.models import Message
+from mailroom_testkit.processes import Role
+from mailroom_testkit.smtp_sink import SMTPSink
 from tests.conftest import wait_for
-from tests.support.processes import Role
-from tests.support.smtp_sink import SMTPSink
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -83,7 +83,9 @@ class Command(BaseCommand):
         except services.NotLaunched as exc:
             if exc.report is not None:
                 self._print_report(name, None, exc.report)
-            raise CommandError(f"{exc.message} (nothing was stored)") from None
+            strict = exc.report is not None and not exc.report.stored
+            message = f"--strict: {exc.message}" if strict else f"{exc.message}; nothing stored"
+            raise CommandError(message) from None
         except InvalidEmailRequest as exc:
             raise CommandError(str(exc)) from None
         assert report is not None

@@ -1,10 +1,10 @@
 """A development SMTP sink: accepts every message, delivers none, prints each one.
 
 For every message it prints the From, To and Subject headers, the envelope, and the
-text/plain part (not the HTML), between two marker lines. ``deploy/dev.py`` runs it as
-the ``smtp`` role; on its own::
+text/plain part (not the HTML), between two marker lines. ``dev/run.py`` (``make dev``)
+runs it as the ``smtp`` role; on its own::
 
-    .venv/bin/python deploy/devsink.py --port 1025
+    .venv/bin/python dev/sink.py --port 1025
 
 It stops cleanly on SIGINT or SIGTERM.
 """

@@ -1,23 +1,24 @@
 """Run the whole Mailroom stack as local processes with one command: ``make dev``.
 
-Roles (all started with cwd ``services/mailroom``, each in its own process group):
+Mailroom's roles are started by the image's own start scripts in deploy/ (each in its own
+process group), so ``make dev`` runs exactly what a container runs; what differs here
+(ports, 127.0.0.1, the state files) is passed as the variables the scripts document:
 
-  web          gunicorn serving messaging_platform.wsgi:application, 2 workers
-  worker-high  celery worker for the ``high_priority`` queue (-c 2, node high@%h)
-  worker-bulk  celery worker for the ``bulk`` queue (-c 2, node bulk@%h)
-  beat         celery beat
-  flower       Flower on 127.0.0.1, basic auth from FLOWER_BASIC_AUTH
-  smtp         an SMTP sink (deploy/devsink.py) that prints every message it receives
+  web          deploy/start-web.sh: gunicorn, 2 workers, on 127.0.0.1 (MAILROOM_WEB_BIND)
+  worker-high  deploy/start-worker.sh, MAILROOM_WORKER_QUEUE=high_priority (-c 2)
+  worker-bulk  deploy/start-worker.sh, MAILROOM_WORKER_QUEUE=bulk (-c 2)
+  beat         deploy/start-beat.sh
+  flower       deploy/start-flower.sh on 127.0.0.1, basic auth from FLOWER_BASIC_AUTH
+  smtp         an SMTP sink (dev/sink.py) that prints every message it receives
   celery-exporter
-               celery-exporter (deploy/celery_exporter.sh) on 127.0.0.1: task-level metrics
+               celery-exporter (dev/celery_exporter.sh) on 127.0.0.1: task-level metrics
                and the ``high_priority``/``bulk`` queue lengths; installed into its own
                virtualenv, ``.tools/celery-exporter``, on first use
 
-State (beat's schedule file, gunicorn's control socket, the web workers' shared
+State (beat's schedule file, the workers' heartbeat files, the web workers' shared
 Prometheus files in ``prometheus-web/``, wiped when gunicorn starts) goes to ``.dev/`` at
-the repo root (gitignored; ``--state-dir`` moves it). gunicorn runs with
-``-c deploy/gunicorn.conf.py``. Before the roles start, the database named by
-DATABASE_URL is created if it is missing and ``manage.py migrate`` runs once
+the repo root (gitignored; ``--state-dir`` moves it). Before the roles start, the
+database named by DATABASE_URL is created if it is missing and deploy/migrate.sh runs once
 (``--no-migrate`` skips both).
 
 Environment: every role gets the defaults in ``DEV_DEFAULTS`` below (DEBUG=true, a dev
@@ -42,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -50,7 +50,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import IO, TextIO
@@ -61,10 +61,19 @@ from psycopg.conninfo import conninfo_to_dict
 
 REPO = Path(__file__).resolve().parent.parent
 APP_DIR = REPO / "services" / "mailroom"
-SINK = REPO / "deploy" / "devsink.py"
-CELERY_EXPORTER = REPO / "deploy" / "celery_exporter.sh"
-GUNICORN_CONF = REPO / "deploy" / "gunicorn.conf.py"
+DEPLOY_DIR = REPO / "deploy"
+DEV_DIR = REPO / "dev"
+SINK = DEV_DIR / "sink.py"
+CELERY_EXPORTER = DEV_DIR / "celery_exporter.sh"
 STATE_DIR = REPO / ".dev"
+# The roles' start scripts: the image's, by role.
+SCRIPTS = {
+    "web": "start-web.sh",
+    "worker-high": "start-worker.sh",
+    "worker-bulk": "start-worker.sh",
+    "beat": "start-beat.sh",
+    "flower": "start-flower.sh",
+}
 
 ROLES = ("web", "worker-high", "worker-bulk", "beat", "flower", "smtp", "celery-exporter")
 DATABASE_ROLES = {"web", "worker-high", "worker-bulk"}
@@ -84,11 +93,12 @@ DEV_DEFAULTS = {
 }
 
 DESCRIPTION = """\
-Run Mailroom's roles as local processes, against local Redis and PostgreSQL:
+Run Mailroom's roles as local processes, against local Redis and PostgreSQL, with the
+image's start scripts (deploy/start-*.sh):
 
-  web          gunicorn, messaging_platform.wsgi:application, 2 workers (--port)
-  worker-high  celery worker -Q high_priority -c 2 -n high@%h
-  worker-bulk  celery worker -Q bulk -c 2 -n bulk@%h
+  web          gunicorn, 2 workers, on 127.0.0.1 (--port)
+  worker-high  celery worker for high_priority, -c 2
+  worker-bulk  celery worker for bulk, -c 2
   beat         celery beat, schedule file in --state-dir
   flower       Flower on 127.0.0.1 (--flower-port), basic auth from FLOWER_BASIC_AUTH
   smtp         SMTP sink that prints every message it receives (--smtp-port)
@@ -96,7 +106,7 @@ Run Mailroom's roles as local processes, against local Redis and PostgreSQL:
                celery-exporter on 127.0.0.1 (--exporter-port): task metrics and queue
                lengths; its own virtualenv, .tools/celery-exporter, is made on first use
 
-The database is created if missing and `manage.py migrate` runs first."""
+The database is created if missing and deploy/migrate.sh runs first."""
 
 # The roles' colours (honcho's palette): cyan, yellow, green, magenta, red, blue, then the
 # bright ones. The supervisor's own lines are bold.
@@ -152,7 +162,7 @@ def _epilog() -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
-        prog="deploy/dev.py",
+        prog="dev/run.py",
         description=DESCRIPTION,
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -183,13 +193,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--no-migrate",
         action="store_true",
-        help="do not create the database or run `manage.py migrate` first",
+        help="do not create the database or run deploy/migrate.sh first",
     )
     parser.add_argument(
         "--state-dir",
         type=Path,
         default=STATE_DIR,
-        help="where beat keeps its schedule file (default: .dev/ at the repo root)",
+        help="where beat's schedule and the workers' heartbeats go (default: .dev/)",
     )
     ns = parser.parse_args(argv)
     return Options(
@@ -207,7 +217,8 @@ def environment(caller: Mapping[str, str], smtp_port: int) -> dict[str, str]:
     """The roles' environment: the dev defaults, overridden by the caller's environment.
 
     An empty FLOWER_BASIC_AUTH is dropped: Flower reads that variable itself, and an
-    empty one would lock everybody out instead of turning authentication off.
+    empty one would lock everybody out instead of turning authentication off (so
+    deploy/start-flower.sh refuses to start without it, and the flower role is skipped).
     """
     env = {**DEV_DEFAULTS, "EMAIL_PORT": str(smtp_port), **caller}
     if not env["FLOWER_BASIC_AUTH"]:
@@ -216,12 +227,34 @@ def environment(caller: Mapping[str, str], smtp_port: int) -> dict[str, str]:
 
 
 def role_environment(name: str, opts: Options, env: Mapping[str, str]) -> dict[str, str]:
-    """One role's environment. The web role's gunicorn workers share their Prometheus
-    metrics through files in ``<state-dir>/prometheus-web`` (wiped by
-    deploy/gunicorn.conf.py when gunicorn starts) unless PROMETHEUS_MULTIPROC_DIR is set.
-    The exporter's script takes its port from CELERY_EXPORTER_PORT: ``--exporter-port``."""
+    """One role's environment: ``env`` plus what the role's script reads to run here
+    rather than in a container. The scripts run this interpreter (MAILROOM_PYTHON); the
+    web role's gunicorn workers share their Prometheus metrics through files in
+    ``<state-dir>/prometheus-web`` (wiped by deploy/gunicorn.conf.py when gunicorn starts)
+    unless PROMETHEUS_MULTIPROC_DIR is set; the workers' heartbeat files and beat's schedule
+    go to the state directory (a container's /tmp is its own; here the pools share one).
+    WEB_CONCURRENCY and MAILROOM_WORKER_CONCURRENCY (2) can be set in the caller's
+    environment; the addresses and files cannot."""
+    base = {**env, "MAILROOM_PYTHON": sys.executable}
+    state = opts.state_dir
     if name == "web":
-        return {"PROMETHEUS_MULTIPROC_DIR": str(opts.state_dir / "prometheus-web"), **env}
+        return {
+            "PROMETHEUS_MULTIPROC_DIR": str(state / "prometheus-web"),
+            "WEB_CONCURRENCY": "2",
+            **base,
+            "MAILROOM_WEB_BIND": f"127.0.0.1:{opts.port}",
+        }
+    if name in ("worker-high", "worker-bulk"):
+        return {
+            "MAILROOM_WORKER_CONCURRENCY": "2",
+            **base,
+            "MAILROOM_WORKER_QUEUE": "high_priority" if name == "worker-high" else "bulk",
+            "MAILROOM_WORKER_HEARTBEAT_FILE": str(state / f"{name}.heartbeat"),
+        }
+    if name == "beat":
+        return {**base, "MAILROOM_BEAT_SCHEDULE": str(state / "celerybeat-schedule")}
+    if name == "flower":
+        return {**base, "FLOWER_PORT": str(opts.flower_port), "FLOWER_ADDRESS": "127.0.0.1"}
     if name == "celery-exporter":
         return {**env, "CELERY_EXPORTER_PORT": str(opts.exporter_port)}
     return dict(env)
@@ -232,41 +265,36 @@ def role_environment(name: str, opts: Options, env: Mapping[str, str]) -> dict[s
 # --------------------------------------------------------------------------------------
 
 
-def _celery(*args: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "messaging_platform", *args]
-
-
-def _flower_auth(env: Mapping[str, str]) -> list[str]:
-    credentials = env.get("FLOWER_BASIC_AUTH", "")
-    return [f"--basic-auth={credentials}"] if credentials else []
-
-
-def commands(opts: Options, env: Mapping[str, str]) -> dict[str, list[str]]:
-    """Every role's argv, by role name."""
-    worker = ("worker", "-c", "2", "-l", "info", "-Q")
+def commands(opts: Options) -> dict[str, list[str]]:
+    """Every role's argv, by role name: Mailroom's roles are their start scripts."""
+    scripts = {name: [str(DEPLOY_DIR / script)] for name, script in SCRIPTS.items()}
     return {
-        "web": [
-            *(sys.executable, "-m", "gunicorn", "messaging_platform.wsgi:application"),
-            *("-c", str(GUNICORN_CONF)),
-            *("--bind", f"127.0.0.1:{opts.port}", "--workers", "2"),
-            *("--access-logfile", "-", "--graceful-timeout", "5"),
-            *("--control-socket", str(opts.state_dir / "gunicorn.ctl")),
-        ],
-        "worker-high": _celery(*worker, "high_priority", "-n", "high@%h"),
-        "worker-bulk": _celery(*worker, "bulk", "-n", "bulk@%h"),
-        "beat": _celery("beat", "-l", "info", "-s", str(opts.state_dir / "celerybeat-schedule")),
-        "flower": _celery(
-            "flower", f"--port={opts.flower_port}", "--address=127.0.0.1", *_flower_auth(env)
-        ),
+        **scripts,
         "smtp": [sys.executable, str(SINK), "--host", "127.0.0.1", "--port", str(opts.smtp_port)],
         "celery-exporter": ["bash", str(CELERY_EXPORTER)],
     }
 
 
-def _describe(argv: Sequence[str]) -> str:
-    """The command as printed: ``python`` for this interpreter, Flower's password masked."""
+# What the scripts read, shown next to the command (the rest of the environment is the
+# same for every role).
+_SHOWN = (
+    "MAILROOM_WEB_BIND",
+    "MAILROOM_WORKER_QUEUE",
+    "MAILROOM_WORKER_CONCURRENCY",
+    "FLOWER_PORT",
+    "CELERY_EXPORTER_PORT",
+)
+
+
+def _describe(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
+    """The command as printed: ``python`` for this interpreter, paths from the repo root,
+    and the variables that make this role what it is."""
     shown = ["python", *argv[1:]] if argv and argv[0] == sys.executable else list(argv)
-    return shlex.join(re.sub(r"^(--basic-auth=[^:]*:).*", r"\1***", arg) for arg in shown)
+    shown = [
+        str(Path(arg).relative_to(REPO)) if arg.startswith(f"{REPO}/") else arg for arg in shown
+    ]
+    variables = [f"{name}={env[name]}" for name in _SHOWN if env and name in env]
+    return shlex.join([*variables, *shown])
 
 
 # --------------------------------------------------------------------------------------
@@ -345,7 +373,7 @@ class Role:
             target=self._copy, args=(self.proc.stdout,), name=f"out-{self.name}", daemon=True
         )
         self._pump.start()
-        self.printer.system(f"{self.name}: pid {self.proc.pid}: {_describe(self.argv)}")
+        self.printer.system(f"{self.name}: pid {self.proc.pid}: {_describe(self.argv, self.env)}")
 
     def _copy(self, stream: IO[bytes]) -> None:
         with stream:
@@ -498,7 +526,8 @@ def ensure_database(url: str) -> str | None:
 
 
 def prepare_database(env: Mapping[str, str], supervisor: Supervisor) -> int:
-    """Create the database if needed, then run ``manage.py migrate`` once."""
+    """Create the database if needed, then run the migrate one-shot (deploy/migrate.sh:
+    the schema; no admin user or API key, as their variables are not set here)."""
     url = env.get("DATABASE_URL", "")
     try:
         created = ensure_database(url)
@@ -507,8 +536,9 @@ def prepare_database(env: Mapping[str, str], supervisor: Supervisor) -> int:
         return 1
     if created:
         supervisor.printer.system(f"created database {created}")
-    argv = [sys.executable, "manage.py", "migrate", "--no-input"]
-    code = supervisor.run_once(Role("migrate", argv, env, supervisor.printer))
+    argv = [str(DEPLOY_DIR / "migrate.sh")]
+    migrate_env = {**env, "MAILROOM_PYTHON": sys.executable}
+    code = supervisor.run_once(Role("migrate", argv, migrate_env, supervisor.printer))
     if code:
         supervisor.printer.system(f"migrate failed with {_exit_status(code)}; nothing started")
         return code if code > 0 else 1
@@ -527,7 +557,10 @@ def _warn_about_mismatches(opts: Options, env: Mapping[str, str], printer: Print
             f"workers will not send to the sink on port {opts.smtp_port}"
         )
     if "flower" in opts.roles and not env.get("FLOWER_BASIC_AUTH"):
-        printer.system("note: FLOWER_BASIC_AUTH is empty, so Flower has no authentication")
+        printer.system(
+            "note: FLOWER_BASIC_AUTH is empty: flower is not started (deploy/start-flower.sh "
+            "refuses to run without authentication)"
+        )
 
 
 def _banner(opts: Options, env: Mapping[str, str], printer: Printer) -> None:
@@ -552,11 +585,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     supervisor.install_signal_handlers()
     opts.state_dir.mkdir(parents=True, exist_ok=True)
     _warn_about_mismatches(opts, env, printer)
+    if "flower" in opts.roles and not env.get("FLOWER_BASIC_AUTH"):
+        opts = replace(opts, roles=tuple(role for role in opts.roles if role != "flower"))
     if opts.migrate and DATABASE_ROLES & set(opts.roles):
         code = prepare_database(env, supervisor)
         if code or supervisor.requested:
             return code
-    argvs = commands(opts, env)
+    argvs = commands(opts)
     _banner(opts, env, printer)
     roles = [
         Role(name, argvs[name], role_environment(name, opts, env), printer) for name in opts.roles
