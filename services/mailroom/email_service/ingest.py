@@ -424,18 +424,63 @@ class _Writer:
         self.cursor.close()
 
 
+# The new row, column by column, for the columns the COPY path sets itself: SQL over the
+# staging row ``s``, where ``%s`` is that column's parameter (``_constants``). Every other
+# column of Message gets the model's own default, so the column list is the model's (as
+# for the ORM writer in services.accepting) and a new field cannot be left out.
+_ROW_SQL: dict[str, str] = {
+    "id": "s.id",
+    "queue": "{queue}",
+    "campaign_id": "%s",
+    "from_email": "%s",
+    "to_email": "s.email",
+    "subject": "%s",
+    "template": "%s",
+    "context": "s.context",
+    "status": "CASE WHEN s.blocked THEN {suppressed} ELSE {queued} END",
+    "status_reason": "CASE WHEN s.blocked THEN {suppressed} ELSE '' END",
+    # The form of services.accepting's Message-IDs: <hex of the id@domain>.
+    "message_id_header": "'<' || replace(s.id::text, '-', '') || '@' || %s || '>'",
+    "created_at": "%s",
+    "updated_at": "%s",
+}
+
+
+def _fields() -> list[Any]:
+    return list(Message._meta.local_concrete_fields)
+
+
 def _constants(campaign: Campaign, now: datetime | None = None) -> list[Any]:
     """The INSERT's parameters other than the context's, in their order in the SQL."""
     now = now or timezone.now()
-    return [
-        campaign.id,
-        campaign.from_email,
-        campaign.subject,
-        campaign.template,
-        message_id_domain(campaign.from_email),
-        now,
-        now,
-    ]
+    values = {
+        "campaign_id": campaign.id,
+        "from_email": campaign.from_email,
+        "subject": campaign.subject,
+        "template": campaign.template,
+        "message_id_header": message_id_domain(campaign.from_email),
+        "created_at": now,
+        "updated_at": now,
+    }
+    return [values[f.attname] for f in _fields() if "%s" in _ROW_SQL.get(f.attname, "")]
+
+
+def _column_values() -> tuple[sql.Composed, sql.Composed]:
+    """(the column list, the values) of the INSERT: every concrete field of Message."""
+    fields = _fields()
+    constants = {
+        "queue": sql.Literal(str(Queue.BULK)),
+        "suppressed": sql.Literal(str(Message.Status.SUPPRESSED)),
+        "queued": sql.Literal(str(Message.Status.QUEUED)),
+    }
+    columns = sql.SQL(", ").join(sql.Identifier(f.column) for f in fields)
+    values = sql.SQL(", ").join(
+        sql.SQL(_ROW_SQL[f.attname]).format(**constants)
+        if f.attname in _ROW_SQL
+        else sql.Literal(f.get_default())
+        for f in fields
+    )
+    return columns, values
 
 
 def _insert_sql(staging: sql.Identifier, layout: _Layout) -> sql.Composed:
@@ -444,18 +489,12 @@ def _insert_sql(staging: sql.Identifier, layout: _Layout) -> sql.Composed:
     The first occurrence of an address wins (ORDER BY line); later ones, and addresses
     already in the campaign, conflict on msg_campaign_address_unique and are skipped.
     """
+    columns, values = _column_values()
     return sql.SQL(
         """
         WITH new AS (
-            INSERT INTO {message} (
-                id, queue, campaign_id, from_email, to_email, subject, template, context,
-                status, status_reason, attempts, dispatch_token, dispatched_at,
-                last_smtp_reply, message_id_header, idempotency_key, created_at, updated_at)
-            SELECT s.id, {queue}, %s, %s, s.email, %s, %s, s.context,
-                   CASE WHEN s.blocked THEN {suppressed} ELSE {queued} END,
-                   CASE WHEN s.blocked THEN 'suppressed' ELSE '' END,
-                   0, '', NULL, '', '<' || replace(s.id::text, '-', '') || '@' || %s || '>',
-                   NULL, %s, %s
+            INSERT INTO {message} ({columns})
+            SELECT {values}
               FROM (SELECT gen_random_uuid() AS id, s.line, {email} AS email,
                            {context} AS context,
                            EXISTS (SELECT 1 FROM {suppression} x
@@ -470,9 +509,9 @@ def _insert_sql(staging: sql.Identifier, layout: _Layout) -> sql.Composed:
         """
     ).format(
         message=sql.Identifier(MESSAGE),
-        queue=sql.Literal(str(Queue.BULK)),
+        columns=columns,
+        values=values,
         suppressed=sql.Literal(str(Message.Status.SUPPRESSED)),
-        queued=sql.Literal(str(Message.Status.QUEUED)),
         email=sql.SQL("s.{}").format(sql.Identifier(f"c{layout.email}")),
         context=layout.context,
         suppression=sql.Identifier(SUPPRESSION),
