@@ -201,6 +201,17 @@ def check_sender_allowed(sender: str, allowed: Iterable[str], field: str = "from
     )
 
 
+def nul_field(*forms: Any) -> str | None:
+    """The name of the first field of ``forms`` (Django QueryDicts) whose name or a value
+    holds a NUL character, or None. PostgreSQL refuses NUL in text: a query comparing with
+    one fails and a row holding one is not stored."""
+    for data in forms:
+        for name, values in data.lists():
+            if "\x00" in name or any("\x00" in value for value in values):
+                return str(name).replace("\x00", "\N{REPLACEMENT CHARACTER}")
+    return None
+
+
 def storable_text(value: str) -> str:
     """Refuse what PostgreSQL cannot store (NUL) or encode (a lone surrogate, as a JSON
     ``\\ud800`` escape gives): raises ValueError, so pydantic and callers name the field."""

@@ -39,6 +39,7 @@ from django.shortcuts import render
 from django.urls import reverse
 
 from email_service import keys, redisstore
+from email_service.validation import nul_field
 
 logger = logging.getLogger(__name__)
 
@@ -177,11 +178,7 @@ def unstorable_field(request: HttpRequest) -> str | None:
     ``staff_page`` / ``staff_action`` is spared such input, and the operator gets a 400
     page naming the field instead of a 500.
     """
-    for data in (request.GET, request.POST):
-        for name, values in data.lists():
-            if "\x00" in name or any("\x00" in value for value in values):
-                return name.replace("\x00", "\N{REPLACEMENT CHARACTER}")
-    return None
+    return nul_field(request.GET, request.POST)
 
 
 def staff_page(view: View) -> View:

@@ -178,16 +178,10 @@ class EmailRequest:
     api_key_id: int | None = None
     send_at: datetime | None = None
     expires_at: datetime | None = None
-
-    @property
-    def held(self) -> bool:
-        """Due too late for a Celery countdown: no task now, the sweeper enqueues the
-        rows once due (long countdowns are never used: Redis would redeliver them after
-        its visibility timeout, again and again)."""
-        if self.send_at is None:
-            return False
-        wait = (self.send_at - timezone.now()).total_seconds()
-        return wait > settings.MAILROOM_MAX_COUNTDOWN_SECONDS
+    # Due too late for a Celery countdown: no task now, the sweeper enqueues the rows once
+    # due (long countdowns are never used: Redis would redeliver them after its
+    # visibility timeout, again and again). Decided once, so a batch is held or not whole.
+    held: bool = False
 
 
 def validated_request(
@@ -203,6 +197,10 @@ def validated_request(
     if queue not in Queue.values:
         raise InvalidEmailRequest("queue", f"must be one of {', '.join(Queue.values)}")
     send_at, expires_at = _when(send_at, "send_at"), _when(expires_at, "expires_at")
+    now = timezone.now()
+    if send_at is not None and send_at <= now:
+        send_at = None
+    wait = (send_at - now).total_seconds() if send_at else 0.0
     request = EmailRequest(
         subject=check_subject(subject),
         template=check_template(template),
@@ -210,8 +208,9 @@ def validated_request(
         from_email=allowed_sender(from_email, api_key),
         queue=str(queue),
         api_key_id=api_key.pk if api_key else None,
-        send_at=send_at if send_at and send_at > timezone.now() else None,
+        send_at=send_at,
         expires_at=expires_at,
+        held=wait > settings.MAILROOM_MAX_COUNTDOWN_SECONDS,
     )
     try:
         render(request.template, request.subject, request.context)
