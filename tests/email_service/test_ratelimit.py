@@ -23,7 +23,9 @@ BULK = "bulk"
 HIGH = "high_priority"
 
 # A bulk worker in its own process: says when Django is up, waits for the common start
-# it is sent, then takes tokens in a tight loop and prints the wall-clock time of each grant.
+# it is sent, then takes tokens as the delivery loop does (sleeping the announced wait
+# when refused) and prints the wall-clock time of each grant. Sleeping, not spinning,
+# keeps the share each process gets independent of how busy the machine's CPUs are.
 CHILD = """
 import json, sys, time
 import django
@@ -35,8 +37,8 @@ start, end = map(float, sys.stdin.readline().split())
 time.sleep(max(start - time.time(), 0))
 grants = []
 while (now := time.time()) < end:
-    if ratelimit.acquire("bulk") == 0.0:
-        grants.append(now)
+    if ratelimit.wait_for_tokens("bulk", max_wait=end - now) == 0.0:
+        grants.append(time.time())
 print(json.dumps(grants))
 """
 
