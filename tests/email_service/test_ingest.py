@@ -19,6 +19,7 @@ from email_service import ingest
 from email_service.exceptions import InvalidEmailRequest
 from email_service.ingest import IngestError, RowError, ingest_csv, ingest_rows
 from email_service.models import Campaign, CampaignCount, Message, Suppression
+from email_service.rendering import message_id_header
 from email_service.validation import fast_normalize, validator_normalize
 
 pytestmark = pytest.mark.django_db
@@ -397,6 +398,14 @@ def test_message_ids_use_the_configured_domain(campaign: Campaign, settings: Any
 
     [message] = Message.objects.filter(campaign=campaign)
     assert message.message_id_header == f"<{message.id.hex}@ids.example.org>"
+
+
+def test_the_sql_message_id_is_the_python_one(campaign: Campaign) -> None:
+    """COPY ingest builds Message-IDs in SQL; every other writer in Python. One form."""
+    ingest_csv(campaign, _csv("email", *(f"r{i}@example.com" for i in range(20))))
+
+    for message in Message.objects.filter(campaign=campaign):
+        assert message.message_id_header == message_id_header(message.id, campaign.from_email)
 
 
 def test_a_text_stream_is_a_programming_error(campaign: Campaign) -> None:

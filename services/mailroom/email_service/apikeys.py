@@ -79,8 +79,10 @@ def _live_key_sql() -> str:
 
 
 # Every API request runs this look-up. One statement on the unique ``prefix`` index,
-# through Django's cursor (same connection, transaction and instrumentation), costs about
-# a fifth of the CPU of the equivalent QuerySet (0.14 ms against 0.65 ms).
+# through Django's cursor (same connection, transaction and instrumentation), instead of
+# the equivalent QuerySet: measured by bench/bypasses.py on the whole in-process API
+# request, it takes 17-26 % off each one (e.g. 4.2 ms against 5.7 ms). The contract
+# (what the QuerySet would load) is held by tests/email_service/test_bypasses.py.
 _LIVE_KEY_SQL = _live_key_sql()
 
 
@@ -92,20 +94,9 @@ def authenticate(key: str) -> ApiKey | None:
     prefix = split(key)
     if prefix is None:
         return None
-    alias = router.db_for_read(ApiKey)
-    with connections[alias].cursor() as cursor:
-        cursor.execute(_LIVE_KEY_SQL, [prefix])
-        row = cursor.fetchone()
-    if row is None or not hmac.compare_digest(row[1], digest(key)):
+    found = _live_key(prefix)
+    if found is None or not hmac.compare_digest(found.key_hash, digest(key)):
         return None
-    key_id, key_hash, scopes, rate_limit, senders, last_used_at = row
-    # from_db, as a QuerySet would: the other columns are deferred (loaded if read),
-    # and a save() writes only the loaded ones.
-    found = ApiKey.from_db(
-        alias,
-        _LOADED,
-        [key_id, prefix, key_hash, _json(scopes), rate_limit, _json(senders), last_used_at],
-    )
     now = timezone.now()
     if (
         found.last_used_at is None
@@ -113,6 +104,26 @@ def authenticate(key: str) -> ApiKey | None:
     ):
         ApiKey.objects.filter(pk=found.pk).update(last_used_at=now)
     return found
+
+
+def _live_key(prefix: str) -> ApiKey | None:
+    """The unrevoked key with this prefix, its ``_LOADED`` fields loaded: what
+    ``ApiKey.objects.only(*_LOADED).filter(prefix=prefix, revoked_at=None).first()``
+    returns, in one statement of our own (see ``_LIVE_KEY_SQL``)."""
+    alias = router.db_for_read(ApiKey)
+    with connections[alias].cursor() as cursor:
+        cursor.execute(_LIVE_KEY_SQL, [prefix])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    key_id, key_hash, scopes, rate_limit, senders, last_used_at = row
+    # from_db, as a QuerySet would: the other columns are deferred (loaded if read),
+    # and a save() writes only the loaded ones.
+    return ApiKey.from_db(
+        alias,
+        _LOADED,
+        [key_id, prefix, key_hash, _json(scopes), rate_limit, _json(senders), last_used_at],
+    )
 
 
 def _json(value: object) -> object:

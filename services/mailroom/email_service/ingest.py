@@ -45,7 +45,7 @@ from psycopg import sql
 
 from email_service.exceptions import InvalidEmailRequest
 from email_service.models import Campaign, Message, Queue, Suppression
-from email_service.rendering import message_id_domain
+from email_service.rendering import MESSAGE_ID_SQL, message_id_domain
 from email_service.validation import check_context, fast_normalize, validator_normalize
 
 CHUNK_ROWS = 10_000
@@ -439,8 +439,7 @@ _ROW_SQL: dict[str, str] = {
     "context": "s.context",
     "status": "CASE WHEN s.blocked THEN {suppressed} ELSE {queued} END",
     "status_reason": "CASE WHEN s.blocked THEN {suppressed} ELSE '' END",
-    # The form of services.accepting's Message-IDs: <hex of the id@domain>.
-    "message_id_header": "'<' || replace(s.id::text, '-', '') || '@' || %s || '>'",
+    "message_id_header": MESSAGE_ID_SQL.replace("{id}", "s.id"),
     "created_at": "%s",
     "updated_at": "%s",
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from email.message import Message
@@ -110,6 +111,17 @@ class PreparedMessage:
         for placeholder, value in substitutions:
             html, text = html.replace(placeholder, value), text.replace(placeholder, value)
         return self._serialise(self.from_email, RenderedEmail(self.rendered.subject, html, text))
+
+
+def message_id_header(message_id: uuid.UUID, from_email: str) -> str:
+    """The Message-ID of the outbox row ``message_id``: ``<hex of the id@domain>``, so a
+    report quoting it leads back to the row. ``MESSAGE_ID_SQL`` is the same form for the
+    COPY ingest, which builds it in SQL; a test holds the two equal."""
+    return f"<{message_id.hex}@{message_id_domain(from_email)}>"
+
+
+# ``message_id_header`` in SQL: ``{id}`` is the uuid column, ``%s`` the domain parameter.
+MESSAGE_ID_SQL = "'<' || replace({id}::text, '-', '') || '@' || %s || '>'"
 
 
 def message_id_domain(from_email: str) -> str:
