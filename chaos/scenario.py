@@ -23,15 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from chaos.stack import BULK_CONCURRENCY, HIGH_CONCURRENCY, Stack
+from chaos.stack import BULK_CONCURRENCY, HIGH_CONCURRENCY, LANES, Stack
 from mailroom_testkit.processes import wait_until
 
 TRICKLE_SECONDS = 0.5
-# A worker process holds at most two deliveries that the relay accepted and Postgres has
-# not recorded: the message on the wire, and the previous one whose record is committing
-# while it is sent (services.delivery._BatchRun pipelines the record). A process that dies there
-# sends those again after their lease expires.
-IN_FLIGHT_PER_PROCESS = 2
+# A worker process holds at most LANES + 1 deliveries that the relay accepted and Postgres
+# has not recorded: one on the wire per lane, and one whose record is committing while the
+# next conversations run (services.delivery._BatchRun pipelines the record). A process
+# that dies there sends those again after their lease expires.
+IN_FLIGHT_PER_PROCESS = LANES + 1
 ALL_PROCESSES = 2 * BULK_CONCURRENCY + HIGH_CONCURRENCY
 
 

@@ -23,6 +23,8 @@ from mailroom_testkit.smtp_sink import SMTPSink
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 BULK_CONCURRENCY = 2
 HIGH_CONCURRENCY = 2
+# SMTP conversations each worker process keeps in flight (the product's default).
+LANES = 8
 
 # Production's rules on short clocks, so that recovery happens within a run's patience.
 # The retry schedule (5 s base, 30 s cap, 5 retries: about 95 s in all) outlasts the 60 s
@@ -36,6 +38,7 @@ CHAOS_ENV = {
     "EMAIL_TIMEOUT": "2",
     "DEFAULT_FROM_EMAIL": "Mailroom Chaos <noreply@mailroom.example.com>",
     "MAILROOM_PUBLIC_URL": "https://mail.example.com",
+    "MAILROOM_SMTP_CONNECTIONS_PER_PROCESS": str(LANES),
     "MAILROOM_LEASE_SECONDS": "10",
     "MAILROOM_STALE_QUEUED_SECONDS": "5",
     "MAILROOM_RETRY_BASE_SECONDS": "5",

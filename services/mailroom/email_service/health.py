@@ -6,7 +6,7 @@ import redis
 from django.db import DatabaseError, connection
 from django.http import HttpRequest, JsonResponse
 
-from email_service import redisstore
+from email_service import redisstore, smtp_health
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -30,6 +30,9 @@ def readyz(request: HttpRequest) -> JsonResponse:
     except (redis.RedisError, OSError) as exc:
         checks["redis"] = f"error: {type(exc).__name__}"
     ready = all(value == "ok" for value in checks.values())
-    return JsonResponse(
-        {"status": "ok" if ready else "unavailable", **checks}, status=200 if ready else 503
-    )
+    body = {"status": "ok" if ready else "unavailable", **checks}
+    if checks["redis"] == "ok" and (error := smtp_health.relay_error()):
+        # Shown, not failed: this instance still accepts mail into the outbox, but an
+        # operator must fix the relay settings before any of it is delivered.
+        body["smtp_relay"] = f"error: {error}"
+    return JsonResponse(body, status=200 if ready else 503)

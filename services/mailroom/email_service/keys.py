@@ -122,6 +122,13 @@ def worker_key(pool: str, hostname: str) -> str:
     return f"mailroom:worker:{pool}:{hostname}"
 
 
+# Why the relay cannot be used as configured (TLS verification, login), set by the
+# worker that saw it, for /readyz and the dashboard; it expires once no worker sees it.
+SMTP_RELAY_ERROR_KEY = "mailroom:smtp:relay_error"
+# The connection budget's slots: a sorted set, member = one connection, score = its
+# lease's expiry (Redis server time).
+SMTP_SLOTS_KEY = "mailroom:smtp:slots"
+
 RATELIMIT_PREFIX = "mailroom:ratelimit:"
 RATE_LIMITS_KEY = f"{RATELIMIT_PREFIX}limits"
 THROTTLE_KEY = f"{RATELIMIT_PREFIX}throttle"

@@ -41,3 +41,12 @@ def _check_worker_settings(**_: Any) -> None:
 @signals.beat_init.connect
 def _check_beat_settings(**_: Any) -> None:
     check_settings("beat")
+
+
+@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
+def _close_smtp_sessions(**_: Any) -> None:
+    """QUIT the warm SMTP sessions this process kept, rather than dropping them."""
+    from email_service import smtp
+
+    smtp.close_pool()

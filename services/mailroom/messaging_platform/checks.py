@@ -18,6 +18,7 @@ and beat as they start (messaging_platform/celery.py, ``worker_init`` and ``beat
 from __future__ import annotations
 
 import ipaddress
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -334,6 +335,77 @@ def check_smtp(
                 f"EMAIL_HOST_PASSWORD would cross the network in clear to "
                 f"{settings.EMAIL_HOST}: neither EMAIL_USE_TLS nor EMAIL_USE_SSL is on",
                 "Turn on EMAIL_USE_TLS (port 587) or EMAIL_USE_SSL (port 465).",
+            )
+        )
+    return found + _check_smtp_tls() + _check_smtp_connections()
+
+
+def _check_smtp_tls() -> list[checks.CheckMessage]:
+    """The TLS files load as the transport will load them (smtp.TLSOptions)."""
+    from email_service.smtp import tls_options_from_settings
+
+    found: list[checks.CheckMessage] = []
+    options = tls_options_from_settings()
+    if options.client_key_file and not options.client_cert_file:
+        found.append(
+            _error(
+                26,
+                "MAILROOM_SMTP_CLIENT_KEY_FILE is set without MAILROOM_SMTP_CLIENT_CERT_FILE",
+                "Give the certificate too (PEM), or drop the key.",
+            )
+        )
+        return found
+    try:
+        options.context()
+    except (OSError, ssl.SSLError) as exc:
+        found.append(
+            _error(
+                27,
+                "the SMTP TLS files do not load (MAILROOM_SMTP_CA_FILE="
+                f"{options.ca_file!r}, MAILROOM_SMTP_CLIENT_CERT_FILE="
+                f"{options.client_cert_file!r}): {exc}",
+                "Each must be a readable PEM file: the CA bundle that signed the relay's "
+                "certificate; the client certificate and its key.",
+            )
+        )
+    if options.insecure_skip_verify and not _is_local(settings.EMAIL_HOST):
+        found.append(
+            _warning(
+                28,
+                "MAILROOM_SMTP_TLS_INSECURE_SKIP_VERIFY is on for the relay "
+                f"{settings.EMAIL_HOST}: anyone on the path can read and change every message",
+                "Give the relay's CA in MAILROOM_SMTP_CA_FILE instead; the opt-out is for a "
+                "local self-signed relay.",
+            )
+        )
+    return found
+
+
+def _check_smtp_connections() -> list[checks.CheckMessage]:
+    from email_service.smtp_budget import LEASE_SECONDS
+
+    found: list[checks.CheckMessage] = []
+    budget = settings.MAILROOM_SMTP_MAX_CONNECTIONS
+    if budget and settings.MAILROOM_SMTP_IDLE_SECONDS >= LEASE_SECONDS:
+        found.append(
+            _error(
+                29,
+                f"MAILROOM_SMTP_IDLE_SECONDS ({settings.MAILROOM_SMTP_IDLE_SECONDS:g}) must be "
+                f"below the connection slots' lease ({LEASE_SECONDS:g} s) when "
+                "MAILROOM_SMTP_MAX_CONNECTIONS is set",
+                "An idle session would outlive its slot, and the fleet could open more "
+                "connections than the budget.",
+            )
+        )
+    per_process = settings.MAILROOM_SMTP_CONNECTIONS_PER_PROCESS
+    if budget and per_process > budget:
+        found.append(
+            _warning(
+                19,
+                f"MAILROOM_SMTP_CONNECTIONS_PER_PROCESS ({per_process}) exceeds "
+                f"MAILROOM_SMTP_MAX_CONNECTIONS ({budget}): one process alone can use the "
+                "whole budget",
+                "Lower MAILROOM_SMTP_CONNECTIONS_PER_PROCESS to a share of the budget.",
             )
         )
     return found

@@ -141,6 +141,24 @@ if EMAIL_USE_TLS and EMAIL_USE_SSL:
 EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", "")
 EMAIL_HOST_PASSWORD = env_secret("EMAIL_HOST_PASSWORD", "")
 EMAIL_TIMEOUT = env_float("EMAIL_TIMEOUT", 10.0, minimum=0.1)
+# The relay's certificate is verified (chain and host name) on STARTTLS and implicit TLS:
+# against these CAs when set (a PEM bundle), else the system's. A client certificate for
+# relays that ask for one. The opt-out is for a local self-signed relay only.
+MAILROOM_SMTP_CA_FILE = env_str("MAILROOM_SMTP_CA_FILE", "")
+MAILROOM_SMTP_CLIENT_CERT_FILE = env_str("MAILROOM_SMTP_CLIENT_CERT_FILE", "")
+MAILROOM_SMTP_CLIENT_KEY_FILE = env_str("MAILROOM_SMTP_CLIENT_KEY_FILE", "")
+MAILROOM_SMTP_TLS_INSECURE_SKIP_VERIFY = env_bool("MAILROOM_SMTP_TLS_INSECURE_SKIP_VERIFY", False)
+# RFC 2920: MAIL, RCPT and DATA in one flight when the relay offers it.
+MAILROOM_SMTP_PIPELINING = env_bool("MAILROOM_SMTP_PIPELINING", True)
+# SMTP conversations one worker process keeps in flight at once (delivery lanes), and
+# at most as many warm sessions kept between tasks, each closed after this idle time.
+MAILROOM_SMTP_CONNECTIONS_PER_PROCESS = env_int(
+    "MAILROOM_SMTP_CONNECTIONS_PER_PROCESS", 8, minimum=1
+)
+MAILROOM_SMTP_IDLE_SECONDS = env_float("MAILROOM_SMTP_IDLE_SECONDS", 30.0, minimum=0.0)
+# The most connections open to the relay at once across the whole fleet (every worker on
+# every host; slots leased in Redis, so a dead worker's come back). 0: no fleet cap.
+MAILROOM_SMTP_MAX_CONNECTIONS = env_int("MAILROOM_SMTP_MAX_CONNECTIONS", 0, minimum=0)
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "Mailroom <noreply@mailroom.example.com>")
 # Domains (example.com) and addresses (billing@example.com) that may appear as a sender,
 # for API keys without their own list and for Python calls, the email backend and the

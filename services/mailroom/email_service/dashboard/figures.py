@@ -23,7 +23,7 @@ import redis
 from django.conf import settings
 from django.db.models import QuerySet
 
-from email_service import keys, redisstore, services
+from email_service import keys, redisstore, services, smtp_health
 from email_service.metrics import QUEUES
 from email_service.models import Campaign, Message
 
@@ -128,6 +128,10 @@ def snapshot() -> Snapshot:
         logger.warning("dashboard: Redis does not answer", exc_info=True)
         stats = None
         errors.append("Redis does not answer: totals, queues and workers are unknown.")
+    else:
+        relay = smtp_health.relay_error()
+        if relay:
+            errors.append(f"Delivery stopped: {relay}")
     campaigns, more = active_campaigns()
     return Snapshot(
         stats=stats,

@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,6 +34,8 @@ from email_service import (
     outbox,
     ratelimit,
     redisstore,
+    smtp,
+    smtp_health,
     template_engine,
 )
 from email_service import unsubscribe as unsubscribe_links
@@ -53,7 +58,7 @@ from email_service.services.dispatch import (
     suppress,
     suppressed_addresses,
 )
-from email_service.smtp import SendResult, SMTPTransport
+from email_service.smtp import SendResult
 from email_service.switches import campaign_state, is_bulk_paused, pause_state
 from email_service.validation import (
     check_header,
@@ -118,12 +123,31 @@ def _deliver_claimed(rows: list[outbox.ClaimedRow]) -> BatchReport:
 
 
 class _BatchRun:
-    """One task's claimed rows, sent in order over one SMTP connection."""
+    """One task's claimed rows, sent over up to MAILROOM_SMTP_CONNECTIONS_PER_PROCESS
+    warm SMTP sessions at once.
+
+    The conversations run in lane threads, which do nothing but SMTP; this thread keeps
+    everything else, in order: the rate-limit token, rendering, and for each finished
+    conversation its durable record, the pause/cancel check and the counters. So a
+    relay 80 ms away costs round trips in parallel, not in series, and every guarantee
+    of the one-connection loop holds per message: claimed before it is sent, recorded
+    once, nothing new handed to a lane after a pause or cancel is seen. A worker killed
+    mid-batch leaves at most one unrecorded message per lane (and one whose record was
+    in flight): the duplicate bound per worker process is lanes + 1.
+    """
 
     def __init__(self, rows: list[outbox.ClaimedRow], report: BatchReport) -> None:
         self.rows = rows
+        self.todo = deque(rows)  # not yet handed to a lane
         self.report = report
-        self.transport = SMTPTransport.from_settings()
+        self.pool = smtp.pool()
+        self.lanes = max(1, min(settings.MAILROOM_SMTP_CONNECTIONS_PER_PROCESS, len(rows)))
+        self.inflight: dict[Future[tuple[SendResult, int]], outbox.ClaimedRow] = {}
+        self.connections_opened = 0
+        self.network_failures = 0
+        self.answered = False  # the relay has replied to a message of this batch
+        self.stop = ""  # why no new message may start: paused, relay down, relay config
+        self.unusable: list[outbox.ClaimedRow] = []  # refused by the relay's configuration
         self.prepared = PreparedCache()
         self.lease = settings.MAILROOM_LEASE_SECONDS
         self.renew_at = time.monotonic() + self.lease / 3
@@ -138,6 +162,11 @@ class _BatchRun:
         wait = ratelimit.wait_for_tokens(row.queue)
         if wait <= 0:
             return True
+        self._collect(wait_all=True)
+        remaining = [r.id for r in self.todo]  # with any message a lane gave back
+        if self.stop:
+            self._stop_before(remaining)
+            return False
         self._settle()
         next_attempt_at = timezone.now() + timedelta(seconds=wait)
         self.report.released += outbox.release(remaining, next_attempt_at)
@@ -147,8 +176,11 @@ class _BatchRun:
     def run(self) -> BatchReport:
         try:
             self._loop()
+            self._collect(wait_all=True)
             self._settle()
         except SoftTimeLimitExceeded:
+            # The conversations in flight end and are recorded, so none goes twice.
+            self._collect(wait_all=True)
             self._settle()
             unsent = [r.id for r in self.rows if r.id not in self.report.done]
             released = outbox.release(unsent)
@@ -156,37 +188,119 @@ class _BatchRun:
             logger.warning("time limit reached: %d message(s) handed back", released)
             _redispatch_now(self.rows[0].queue, unsent)
         finally:
-            self.transport.close()
+            self._abandon()
             self._settle(discard=True)
             self.tally.flush()
-            if self.transport.connections_opened and self.rows:
-                redisstore.count(
-                    self.rows[0].queue, "smtp_connections", self.transport.connections_opened
-                )
+            if self.connections_opened and self.rows:
+                redisstore.count(self.rows[0].queue, "smtp_connections", self.connections_opened)
         return self.report
 
     def _loop(self) -> None:
-        network_failures = 0
-        for index, row in enumerate(self.rows):
-            remaining = [r.id for r in self.rows[index:]]
-            if network_failures >= RELAY_DOWN_AFTER:
-                self._settle()
-                _defer_untried(remaining, row.attempts, self.report)
+        while self.todo or self.inflight:
+            window = self._window() if self.todo else 1
+            self._collect(wait_one=len(self.inflight) >= window)
+            if not self.todo:
+                continue  # the last conversations end (a lane may give one back)
+            remaining = [r.id for r in self.todo]
+            if self.stop:
+                self._stop_before(remaining)
                 return
             if time.monotonic() > self.renew_at:
                 self._settle()
-                outbox.renew(remaining, self.lease)
+                outbox.renew([*remaining, *(r.id for r in self.inflight.values())], self.lease)
                 self.renew_at = time.monotonic() + self.lease / 3
+            row = self.todo[0]
             if self.limited and not self._take_token(row, remaining):
                 return
-            result = _send_one(self.transport, self.prepared, row)
-            self._settle()  # the previous record committed while this message was sent
-            network_failures = network_failures + 1 if result.code is None else 0
-            if self._record(row, result) and index + 1 < len(self.rows):
-                self._settle()
-                self.report.released += outbox.release(remaining[1:])
-                logger.info("bulk paused: %d message(s) left queued", len(remaining) - 1)
-                return
+            self.todo.popleft()
+            data = _message_data(self.prepared, row)
+            if isinstance(data, SendResult):
+                self._complete(row, data)  # it cannot be made: failed without a conversation
+                continue
+            # The validated address as stored, never a re-parse of the display name.
+            future = _lanes().submit(
+                _converse, self.pool, envelope_address(row.from_email), row.to_email, data
+            )
+            self.inflight[future] = row
+        if self.stop:
+            self._stop_before([])  # messages the relay's configuration refused, last
+
+    def _window(self) -> int:
+        """How many conversations may be in flight: every lane once the relay has
+        answered (or warm sessions wait), else one, so a relay that is down costs
+        RELAY_DOWN_AFTER connection attempts, not one per lane."""
+        if self.network_failures == 0 and (self.answered or self.pool.idle() > 0):
+            return self.lanes
+        return 1
+
+    def _collect(self, *, wait_one: bool = False, wait_all: bool = False) -> None:
+        """Record every finished conversation (after waiting for one, or for all)."""
+        if not self.inflight:
+            return
+        timeout = None if (wait_one or wait_all) else 0
+        when = ALL_COMPLETED if wait_all else FIRST_COMPLETED
+        done, _ = wait(list(self.inflight), timeout=timeout, return_when=when)
+        for future in [f for f in self.inflight if f in done]:  # in the order they started
+            row = self.inflight.pop(future)
+            result, opened = future.result()
+            self.connections_opened += opened
+            self._complete(row, result)
+
+    def _complete(self, row: outbox.ClaimedRow, result: SendResult) -> None:
+        if result.untried:
+            # The fleet's connection budget is spent: this process keeps the sessions
+            # it holds (the window shrinks to them) and the message waits its turn.
+            self.todo.appendleft(row)
+            self.lanes = max(1, len(self.inflight))
+            if not self.inflight and not self.stop:
+                self.stop = "no connection slot"
+            return
+        if result.config_error:
+            if not self.unusable:
+                smtp_health.relay_unusable(result.reply)
+            self.unusable.append(row)
+            self.stop = "relay configuration"
+            return
+        self._settle()  # the previous record committed while this conversation ran
+        self.network_failures = self.network_failures + 1 if result.code is None else 0
+        self.answered = self.answered or result.code is not None
+        if self.network_failures >= RELAY_DOWN_AFTER and not self.stop:
+            self.stop = "relay down"
+        if result.ok:
+            smtp_health.relay_usable()
+        if self._record(row, result) and not self.stop:
+            self.stop = "paused"
+
+    def _stop_before(self, remaining: list[uuid.UUID]) -> None:
+        """No new message starts: wait for those in flight, then give the rest back."""
+        self._collect(wait_all=True)
+        self._settle()
+        if self.unusable:
+            # Not the messages' fault: back untried (no attempt counted), after a pause
+            # long enough that a misconfigured relay costs a log line a minute, not a storm.
+            ids = [r.id for r in self.unusable] + remaining
+            next_attempt_at = timezone.now() + timedelta(seconds=CONFIG_ERROR_RETRY_SECONDS)
+            self.report.released += outbox.release(ids, next_attempt_at)
+            self.report.retries.extend((i, next_attempt_at) for i in ids)
+            self.unusable = []
+        elif self.stop == "relay down":
+            _defer_untried(remaining, self.rows[0].attempts, self.report)
+        elif self.stop == "no connection slot":
+            # Every slot is held elsewhere: back untried, soon; slots free as others end.
+            next_attempt_at = timezone.now() + timedelta(seconds=NO_SLOT_RETRY_SECONDS)
+            self.report.released += outbox.release(remaining, next_attempt_at)
+            self.report.retries.extend((i, next_attempt_at) for i in remaining)
+            logger.info("connection budget spent: %d message(s) handed back", len(remaining))
+        elif remaining:
+            self.report.released += outbox.release(remaining)
+            logger.info("bulk paused: %d message(s) left queued", len(remaining))
+
+    def _abandon(self) -> None:
+        """On the way out with an error: let the lanes finish (their sessions go back to
+        the pool); rows they sent stay ``sending`` and the sweeper settles them."""
+        if self.inflight:
+            wait(list(self.inflight))
+            self.inflight.clear()
 
     def _settle(self, *, discard: bool = False) -> None:
         """Collect the outstanding record; the connection is unusable until then."""
@@ -241,6 +355,41 @@ class _BatchRun:
         return _must_stop(row, values)
 
 
+# A relay that refuses our configuration (certificate, login) is tried again this often.
+CONFIG_ERROR_RETRY_SECONDS = 60.0
+# A batch that found no free connection slot at all is tried again this soon.
+NO_SLOT_RETRY_SECONDS = 2.0
+
+_lane_pool: ThreadPoolExecutor | None = None
+_lane_lock = threading.Lock()
+
+
+def _lanes() -> ThreadPoolExecutor:
+    """This process's lane threads (made on first use, so after a prefork fork)."""
+    global _lane_pool
+    with _lane_lock:
+        if _lane_pool is None:
+            _lane_pool = ThreadPoolExecutor(
+                max_workers=settings.MAILROOM_SMTP_CONNECTIONS_PER_PROCESS,
+                thread_name_prefix="smtp-lane",
+            )
+        return _lane_pool
+
+
+def _converse(
+    pool: smtp.TransportPool, from_addr: str, to_addr: str, data: bytes
+) -> tuple[SendResult, int]:
+    """One message over a session from the pool (a lane thread: SMTP only, no database);
+    returns the result and how many connections it opened."""
+    transport = pool.take()
+    opened = transport.connections_opened
+    try:
+        result = transport.send(from_addr, to_addr, data)
+    finally:
+        pool.give(transport)
+    return result, transport.connections_opened - opened
+
+
 def _stop_keys(row: outbox.ClaimedRow) -> tuple[str, ...]:
     if row.queue != Queue.BULK:
         return ()
@@ -275,11 +424,10 @@ def _drop_suppressed(rows: list[outbox.ClaimedRow], report: BatchReport) -> list
 UNSUBSCRIBE_PLACEHOLDER = "mailroom-unsubscribe-url-placeholder"
 
 
-def _send_one(
-    transport: SMTPTransport, prepared: PreparedCache, row: outbox.ClaimedRow
-) -> SendResult:
+def _message_data(prepared: PreparedCache, row: outbox.ClaimedRow) -> bytes | SendResult:
+    """The message's bytes, or the failure that stands for a try when it cannot be made."""
     try:
-        data = message_bytes(prepared, row)
+        return message_bytes(prepared, row)
     except (template_engine.EmailTemplateError, InvalidEmailRequest) as exc:
         # The caller's template or subject cannot make this message: a work or output
         # limit, a recipient's context that does not fit, a template gone since the
@@ -291,8 +439,6 @@ def _send_one(
         # configuration error, the task's time limit) is not this message's fault.
         logger.exception("cannot render message %s", row.id)
         return SendResult(code=554, reply=f"5.6.0 Mailroom could not render the message: {exc}")
-    # The validated address as stored, never a re-parse of the display name.
-    return transport.send(envelope_address(row.from_email), row.to_email, data)
 
 
 def message_bytes(prepared: PreparedCache, row: outbox.ClaimedRow) -> bytes:
