@@ -79,6 +79,7 @@ bench: setup ## Benchmarks, each against a baseline from the same run; then benc
 	$(BIN)/python bench/ingest.py --repeat 3 --json bench/output/ingest.json
 	$(BIN)/python bench/api.py --repeat 3 --json bench/output/api.json
 	$(BIN)/python bench/bypasses.py --json bench/output/bypasses.json
+	$(BIN)/python bench/relay.py --json bench/output/relay.json
 	$(BIN)/python bench/latency.py --json bench/output/latency.json
 	$(BIN)/python bench/scaling.py --json bench/output/scaling.json
 	$(BIN)/python bench/dashboard.py --json bench/output/dashboard.json

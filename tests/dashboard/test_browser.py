@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from django.conf import settings
 from django.contrib.auth.models import User
 from playwright.sync_api import Browser, Dialog, Page, sync_playwright
 
@@ -88,7 +89,9 @@ def _accept(asked: list[str]) -> Callable[[Dialog], None]:
 def test_an_operator_starts_watches_pauses_and_resumes_a_campaign(
     web_server: str, smtp_sink: SMTPSink, staff_user: User, draft: Campaign, browser: Browser
 ) -> None:
-    smtp_sink.set_delay(0.04)  # about 50 emails a second from two processes
+    # About 50 emails a second from two processes, whatever their lanes: slow enough to
+    # watch the campaign move before it completes.
+    smtp_sink.set_delay(0.04 * settings.MAILROOM_SMTP_CONNECTIONS_PER_PROCESS)
     campaign = draft
     card = f'[data-campaign="{campaign.id}"]'
 
@@ -132,7 +135,7 @@ def test_an_operator_starts_watches_pauses_and_resumes_a_campaign(
     page.wait_for_selector(f'{card}[data-status="paused"]')
     assert asked[-1].startswith("Pause campaign “Launch”?")
     assert "paused: nothing more is sent" in (page.text_content(".messages") or "")
-    time.sleep(1.5)  # the message each worker process had on the wire
+    time.sleep(1.5)  # the conversations each worker process had in flight
     held = smtp_sink.count()
     time.sleep(3)
     assert smtp_sink.count() == held, "nothing is sent while the campaign is paused"
